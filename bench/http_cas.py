@@ -1,0 +1,233 @@
+"""Throughput of the native HTTP CAS and latency of find-missing; prints one JSON object.
+
+    python bench/http_cas.py                      # starts its own server on 127.0.0.1:0
+    python bench/http_cas.py --server URL         # against a running rexd
+
+Figures (MB = 10^6 bytes; each is the median of ``--runs`` runs, ``*_best`` the best):
+
+- ``put_MBps``: ``RexClient.put_blob`` of a fresh random blob held in memory;
+- ``get_MBps``: ``RexClient.get_blob`` of it, digest verification included;
+- ``upload_file_MBps`` / ``download_file_MBps``: the same through files, hashing included;
+- ``find_missing_10k_ms``: ``RexClient.find_missing`` of 10,000 digests never asked before
+  (1% present), end to end; ``..._repeat_ms`` asks the same 10,000 again, as a build tool
+  does; the ``..._server_ms`` figures are the server's own time (its Server-Timing header).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import aiohttp  # noqa: E402
+import orjson  # noqa: E402
+
+from rexcore.artifacts.digest import Digest, DigestFunction, digest_of  # noqa: E402
+from rexcore.config.types import parse_size  # noqa: E402
+from rexcore.protocol.client import RexClient, tune_malloc_for_streaming  # noqa: E402
+
+_LISTENING = re.compile(r"rexd: native listening on (http://\S+)")
+
+# The server until `rexd serve` is the way to start one: the same parts the tests build,
+# announcing itself with the line rexd prints.
+_INLINE_SERVER = textwrap.dedent(
+    """
+    import asyncio, signal, sys
+    from pathlib import Path
+    from rexcore.artifacts.action_cache import create_action_cache
+    from rexcore.artifacts.disk import DiskBlobStore
+    from rexcore.core.runtime import ServiceRuntime
+    from rexcore.plugins.descriptors import ComponentContext
+    from rexcore.protocol.http_server import NativeHttpOptions, NativeHttpProtocol
+
+    async def main(data_dir: Path) -> None:
+        store = DiskBlobStore(data_dir / "cas")
+        runtime = ServiceRuntime(config=None, data_dir=data_dir, blob_store=store,
+                                 action_cache=create_action_cache(data_dir, store), plugins=None)
+        protocol = NativeHttpProtocol(NativeHttpOptions(listen="127.0.0.1:0"),
+                                      ComponentContext(data_dir=data_dir), runtime)
+        await protocol.start()
+        print(f"rexd: native listening on {protocol.url}", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await protocol.stop()
+        await store.close()
+
+    asyncio.run(main(Path(sys.argv[1])))
+    """
+)
+
+
+def start_server(data_dir: Path, launch: str) -> tuple[subprocess.Popen[str], str, str]:
+    """Start a server on a free port of 127.0.0.1: ``rexd serve``, else the inline one.
+
+    Returns the process, its URL and how it was started.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    commands = {
+        "rexd": [sys.executable, "-m", "rexcore.cli.rexd", "serve", "--data-dir", str(data_dir),
+                 "--http", "127.0.0.1:0"],
+        "inline": [sys.executable, "-c", _INLINE_SERVER, str(data_dir)],
+    }
+    order = ["rexd", "inline"] if launch == "auto" else [launch]
+    failures: list[str] = []
+    for name in order:
+        process = subprocess.Popen(
+            commands[name], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, env=env,
+        )
+        assert process.stderr is not None
+        seen: list[str] = []
+        for line in process.stderr:
+            seen.append(line)
+            if match := _LISTENING.search(line):
+                # Keep reading stderr so the server never blocks on a full pipe.
+                threading_drain(process)
+                return process, match.group(1), name
+        process.wait()
+        failures.append(f"{name}: exited {process.returncode}: {''.join(seen[-3:]).strip()}")
+    raise SystemExit("bench: could not start a server; " + "; ".join(failures))
+
+
+def threading_drain(process: subprocess.Popen[str]) -> None:
+    import threading
+
+    def drain() -> None:
+        assert process.stderr is not None
+        for _ in process.stderr:
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+
+
+async def timed(action: Callable[[], Awaitable[Any]]) -> float:
+    started = time.perf_counter()
+    await action()
+    return time.perf_counter() - started
+
+
+def summary(name: str, seconds: list[float], size: int) -> dict[str, float]:
+    rates = [size / s / 1e6 for s in seconds]
+    return {f"{name}_MBps": round(statistics.median(rates), 1),
+            f"{name}_MBps_best": round(max(rates), 1)}
+
+
+def _digests(count: int, present: list[bytes]) -> list[Digest]:
+    digests = [digest_of(os.urandom(16)) for _ in range(count)]
+    step = max(1, count // len(present))
+    for index, blob in zip(range(0, count, step), present):
+        digests[index] = digest_of(blob)
+    return digests
+
+
+async def bench(url: str, size: int, runs: int, work: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    async with RexClient(url) as client:
+        warm = os.urandom(1 << 20)
+        await client.put_blob(digest_of(warm), warm)
+        await client.get_blob(digest_of(warm))
+
+        put, get = [], []
+        for _ in range(runs):
+            data = os.urandom(size)
+            digest = digest_of(data)
+            put.append(await timed(lambda: client.put_blob(digest, data)))
+            get.append(await timed(lambda: client.get_blob(digest)))
+        results |= summary("put", put, size) | summary("get", get, size)
+
+        upload, download = [], []
+        source, target = work / "source.bin", work / "target.bin"
+        for _ in range(runs):
+            source.write_bytes(os.urandom(size))
+            holder: list[Digest] = []
+
+            async def up() -> None:
+                holder.append(await client.upload_file(source))
+
+            upload.append(await timed(up))
+            download.append(await timed(lambda: client.download_file(holder[0], target)))
+        results |= summary("upload_file", upload, size) | summary("download_file", download, size)
+
+        cold, repeat, cold_server, repeat_server = [], [], [], []
+        async with aiohttp.ClientSession() as http:
+
+            async def server_ms(digests: list[Digest]) -> float:
+                body = orjson.dumps({"digests": [str(d) for d in digests]})
+                async with http.post(
+                    f"{url}/v1/cas/find-missing", data=body,
+                    headers={"Content-Type": "application/json"},
+                ) as response:
+                    await response.read()
+                    timing = response.headers.get("Server-Timing", "")
+                match = re.search(r"dur=([\d.]+)", timing)
+                return float(match.group(1)) if match else float("nan")
+
+            for _ in range(runs):
+                blobs = [os.urandom(16) for _ in range(100)]  # 1% present
+                for blob in blobs:
+                    await client.put_blob(digest_of(blob), blob)
+                asked = _digests(10_000, blobs)
+                cold.append(await timed(lambda: client.find_missing(asked)))
+                repeat.append(await timed(lambda: client.find_missing(asked)))
+                fresh = _digests(10_000, blobs)
+                cold_server.append(await server_ms(fresh))
+                repeat_server.append(await server_ms(fresh))
+        results["find_missing_10k_ms"] = round(statistics.median(cold) * 1000, 2)
+        results["find_missing_10k_server_ms"] = round(statistics.median(cold_server), 2)
+        results["find_missing_10k_repeat_ms"] = round(statistics.median(repeat) * 1000, 2)
+        results["find_missing_10k_repeat_server_ms"] = round(statistics.median(repeat_server), 2)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", help="URL of a running server (default: start one)")
+    parser.add_argument("--size", default="64MiB", help="blob size (default 64MiB)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure (default 5)")
+    parser.add_argument("--launch", choices=["auto", "rexd", "inline"], default="auto",
+                        help="how to start the server without --server (auto: rexd serve, "
+                        "else the inline bootstrap)")
+    args = parser.parse_args()
+    size = parse_size(args.size)
+    tune_malloc_for_streaming()  # as the rex CLI does
+    with tempfile.TemporaryDirectory(prefix="rex-bench-") as temp:
+        work = Path(temp)
+        process = None
+        launched = "external"
+        url = args.server
+        if url is None:
+            process, url, launched = start_server(work / "data", args.launch)
+        try:
+            results = asyncio.run(bench(url, size, args.runs, work))
+        finally:
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)
+    print(json.dumps({
+        **results,
+        "blob_bytes": size,
+        "runs": args.runs,
+        "digest_function": DigestFunction.BLAKE3.value,
+        "server": launched,
+        "cpus": os.cpu_count(),
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

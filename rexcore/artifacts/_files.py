@@ -1,0 +1,152 @@
+"""File primitives of the on-disk stores (blobs and action cache): temp files that a crash
+cannot leave behind for long, and atomic publication. All of it blocks: call it in a thread.
+
+Each temp file is held under an exclusive ``flock`` by its writer, so cleaning a
+directory removes exactly the files whose writer died (the kernel drops the lock with the
+process), even while other processes write next to them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import sys
+
+try:
+    import fcntl
+except ImportError:  # Windows: an open file cannot be deleted, which protects it instead
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "TEMP_SUFFIX",
+    "TempFile",
+    "fsync_directory",
+    "link_new",
+    "remove_file",
+    "remove_stale_temps",
+    "replace_atomically",
+]
+
+TEMP_SUFFIX = ".tmp"
+
+
+class TempFile:
+    """A uniquely named file in ``directory``, created exclusively and locked."""
+
+    def __init__(self, directory: str, stem: str) -> None:
+        while True:
+            name = f"{stem}.{os.getpid()}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
+            self.path = os.path.join(directory, name)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+            self.fd = os.open(self.path, flags | getattr(os, "O_BINARY", 0), 0o600)
+            if fcntl is None:
+                return
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            # A cleaner may have locked and removed the file between the open and the
+            # lock; then its name is gone and it is of no use.
+            if os.fstat(self.fd).st_nlink:
+                return
+            os.close(self.fd)
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def make_read_only(self) -> None:
+        if sys.platform == "win32":
+            os.chmod(self.path, stat.S_IREAD)
+        else:
+            os.fchmod(self.fd, 0o444)
+
+    def set_mtime(self, stamp_ns: int) -> None:
+        target = self.fd if os.utime in os.supports_fd else self.path
+        os.utime(target, ns=(stamp_ns, stamp_ns))
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def remove(self) -> None:
+        """Close and delete (also after a publish, which leaves the name behind)."""
+        self.close()
+        remove_file(self.path)
+
+
+def remove_file(path: str) -> None:
+    """Delete ``path`` if it exists, read-only or not."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        if sys.platform != "win32":
+            raise
+        os.chmod(path, stat.S_IWRITE)  # Windows will not delete a read-only file
+        os.unlink(path)
+
+
+def remove_stale_temps(directory: str) -> None:
+    """Remove the temp files in ``directory`` whose writer is gone."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.name.endswith(TEMP_SUFFIX):
+                continue
+            if fcntl is None:
+                try:
+                    remove_file(entry.path)
+                except PermissionError:
+                    pass  # open in a live writer
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                remove_file(entry.path)  # while holding the lock, so no writer uses it
+            except BlockingIOError:
+                pass  # a live writer holds it
+            finally:
+                os.close(fd)
+
+
+def link_new(source: str, target: str) -> bool:
+    """Hardlink ``source`` at ``target``, making its directory on demand; False if
+    ``target`` exists already (names are content hashes, so it holds the same bytes)."""
+    for attempt in range(2):
+        try:
+            os.link(source, target)
+            return True
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            if attempt:
+                raise
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+    raise AssertionError("unreachable")
+
+
+def replace_atomically(temp: TempFile, target: str) -> None:
+    """Move a written temp file over ``target``, making its directory on demand."""
+    if sys.platform == "win32":
+        temp.close()  # Windows cannot rename an open file; elsewhere the lock stays on
+    try:
+        os.replace(temp.path, target)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(temp.path, target)
+    temp.close()
+
+
+def fsync_directory(path: str) -> None:
+    """Make a new name in ``path`` durable (a no-op where directories cannot be opened)."""
+    if sys.platform == "win32":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

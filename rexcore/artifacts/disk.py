@@ -1,0 +1,442 @@
+"""The ``disk`` blob store: one read-only file per blob, LRU-evicted under a size cap.
+
+Layout under the root (``<data_dir>/cas`` by default)::
+
+    <root>/<function>/<hash[:2]>/<hash>    published blobs, mode 0444 (workers hardlink them)
+    <root>/tmp/<hash>.<pid>.<random>.tmp   writes in progress, each locked by its writer
+
+A write hashes while it streams into its own temp file and is published by ``link`` only
+once size and hash match, so a reader never sees a partial blob, concurrent writers of one
+digest cannot disturb each other, and a crash leaves at most a temp file, which the next
+open removes (its lock is gone with the crashed process).
+
+The index (sizes and recency) is in memory, rebuilt on open by scanning the root and
+ordering blobs by mtime; uses are written back as mtimes in batches, so the LRU order
+roughly survives a restart. File work runs in the store's own threads in batches of
+about 2 MiB, so hashing (hashlib and blake3 release the GIL on big buffers) and the
+event loop run side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import io
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from rexcore.artifacts._files import (
+    TempFile,
+    fsync_directory,
+    link_new,
+    remove_file,
+    remove_stale_temps,
+)
+from rexcore.artifacts._local import CAP_OPTION, IndexedBlobStore, VerifyingWriter, check_range
+from rexcore.artifacts.digest import Digest, DigestFunction, Hasher, InvalidDigestError
+from rexcore.artifacts.store import BlobNotFoundError, StorageError, StoreFullError
+from rexcore.config.types import ByteSize
+from rexcore.plugins.descriptors import ComponentContext
+
+__all__ = ["DiskBlobStore", "DiskStoreOptions", "create_disk_store"]
+
+T = TypeVar("T")
+
+# Bytes gathered before each hop to a thread: big enough that the hop costs little next to
+# hashing and writing, small enough to keep memory per upload bounded.
+_BATCH = 2 << 20
+_READ_CHUNK = 1 << 20
+# Recency goes to disk (as mtimes) after this many uses or this many seconds.
+_RECENCY_BATCH = 1024
+_RECENCY_INTERVAL = 30.0
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@attrs.frozen
+class DiskStoreOptions:
+    """Options of the ``disk`` blob store."""
+
+    #: Root directory; empty means ``<data_dir>/cas``, a relative path is under the data dir.
+    path: str = ""
+    #: Bytes of blobs kept before the least recently used are evicted.
+    max_size: ByteSize = attrs.field(
+        default=ByteSize(10 << 30), validator=attrs.validators.gt(ByteSize(0))
+    )
+    #: Also flush each blob to the device before publishing it. Without it a process crash
+    #: still never leaves a partial blob (publication is an atomic link of a complete
+    #: file); an OS crash or power loss may, so turn it on where that matters more than
+    #: write speed.
+    fsync: bool = False
+
+
+def _blob_path(root: str, function: DigestFunction, hash_: str) -> str:
+    return os.path.join(root, function.value, hash_[:2], hash_)
+
+
+def _ensure_empty_blobs(root: str, temp_dir: str) -> None:
+    """Empty blobs exist as files too, so callers can hardlink them like any other."""
+    for function in DigestFunction:
+        path = _blob_path(root, function, function.empty.hash)
+        if os.path.exists(path):
+            continue
+        temp = TempFile(temp_dir, function.empty.hash)
+        try:
+            temp.make_read_only()
+            link_new(temp.path, path)
+        finally:
+            temp.remove()
+
+
+def _scan(root: str) -> tuple[list[Digest], int]:
+    """Prepare the root; every blob in it, least recently used first, and the newest mtime."""
+    temp_dir = os.path.join(root, "tmp")
+    os.makedirs(temp_dir, exist_ok=True)
+    remove_stale_temps(temp_dir)
+    _ensure_empty_blobs(root, temp_dir)
+    found: list[tuple[int, Digest]] = []
+    for function in DigestFunction:
+        with os.scandir(os.path.join(root, function.value)) as shards:
+            for shard in shards:
+                if len(shard.name) != 2 or not shard.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(shard.path) as entries:
+                    for entry in entries:
+                        if not entry.name.startswith(shard.name):
+                            continue
+                        try:
+                            info = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # evicted by another process meanwhile
+                        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+                            continue
+                        try:
+                            digest = Digest(function, entry.name, info.st_size)
+                        except InvalidDigestError:
+                            continue  # not ours; leave it alone
+                        found.append((info.st_mtime_ns, digest))
+    found.sort(key=lambda item: item[0])
+    return [digest for _, digest in found], (found[-1][0] if found else 0)
+
+
+def _set_mtimes(stamps: list[tuple[str, int]]) -> None:
+    for path, stamp in stamps:
+        try:
+            os.utime(path, ns=(stamp, stamp))
+        except OSError:
+            pass  # evicted meanwhile, or not ours to touch: recency is only a hint
+
+
+def _remove_all(paths: list[str]) -> None:
+    for path in paths:
+        remove_file(path)
+
+
+def _read_whole(path: str) -> bytes:
+    with open(path, "rb", buffering=0) as file:
+        return file.readall()
+
+
+def _open_and_read(path: str, offset: int, size: int) -> tuple[io.FileIO | None, bytes]:
+    """Open at ``offset`` and read the first chunk; the file is returned open only if
+    more than one chunk is wanted."""
+    file = io.FileIO(path, "rb")
+    try:
+        file.seek(offset)
+        chunk = file.read(min(size, _READ_CHUNK))
+    except BaseException:
+        file.close()
+        raise
+    if len(chunk) >= size:
+        file.close()
+        return None, chunk
+    return file, chunk
+
+
+def _write_and_hash(temp: TempFile, hasher: Hasher, data: bytes | memoryview) -> None:
+    hasher.update(data)
+    temp.write(data)
+
+
+class _DiskBlobWriter(VerifyingWriter):
+    _store: DiskBlobStore
+
+    def __init__(self, digest: Digest, store: DiskBlobStore) -> None:
+        super().__init__(digest, store)
+        self._temp: TempFile | None = None
+        self._buffer = memoryview(bytearray(min(_BATCH, digest.size)))
+        self._filled = 0
+        # The thread call in progress; a discard waits for it before closing the file.
+        self._inflight: concurrent.futures.Future[Any] | None = None
+
+    async def _call(self, function: Callable[..., T], *args: Any) -> T:
+        self._inflight = self._store._executor.submit(function, *args)
+        try:
+            return await asyncio.wrap_future(self._inflight)
+        except OSError as exc:
+            raise self._store._write_error(exc, self.digest) from exc
+
+    async def _open(self) -> None:
+        self._temp = await self._call(TempFile, self._store._temp_dir, self.digest.hash)
+
+    async def _consume(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            if not self._filled and len(view) >= _BATCH:
+                await self._call(_write_and_hash, self._temp, self._hasher, view)
+                return
+            take = min(len(view), len(self._buffer) - self._filled)
+            self._buffer[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == len(self._buffer):
+                await self._flush()
+
+    async def _flush(self) -> None:
+        if self._filled:
+            await self._call(
+                _write_and_hash, self._temp, self._hasher, self._buffer[: self._filled]
+            )
+            self._filled = 0
+
+    async def _seal(self) -> str:
+        await self._flush()
+        return self._hasher.hexdigest()
+
+    async def _publish(self) -> None:
+        store, temp = self._store, self._temp
+        assert temp is not None
+        dropping = store._dropping.get(self.digest)
+        if dropping is not None:  # an eviction of this very blob is still deleting it
+            await asyncio.wait([dropping])
+        target = store._path(self.digest)
+        added = await self._call(_publish_temp, temp, target, store._stamp(), store._fsync)
+        if not added:
+            store._note_use(self.digest)
+
+    async def _discard(self) -> None:
+        temp, inflight = self._temp, self._inflight
+        if temp is None:
+            return
+
+        def discard() -> None:
+            if inflight is not None:
+                concurrent.futures.wait([inflight])  # never close a file a thread writes
+            temp.remove()
+
+        await asyncio.wrap_future(self._store._executor.submit(discard))
+
+
+def _publish_temp(temp: TempFile, target: str, stamp: int, fsync: bool) -> bool:
+    temp.make_read_only()
+    # The stamp, not the clock, orders blobs on the next open: clocks tick coarsely.
+    temp.set_mtime(stamp)
+    if fsync:
+        os.fsync(temp.fd)
+    added = link_new(temp.path, target)
+    if fsync and added:
+        fsync_directory(os.path.dirname(target))
+    temp.remove()
+    return added
+
+
+class DiskBlobStore(IndexedBlobStore):
+    """A :class:`~rexcore.artifacts.store.BlobStore` of files under ``root``.
+
+    Construction does no I/O; the first call (or :meth:`open`) scans the root, removes
+    stale temp files and evicts down to ``max_size`` (``None`` is no cap). Several
+    processes may open one root safely (each temp file is locked by its writer), but each
+    keeps its own index and cap: let one of them own writes and eviction.
+    """
+
+    def __init__(self, root: Path, *, max_size: int | None = 10 << 30, fsync: bool = False) -> None:
+        super().__init__(max_size, where=str(root))
+        self.root = root
+        self._root = str(root)
+        self._temp_dir = os.path.join(self._root, "tmp")
+        self._fsync = fsync
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(8, (os.cpu_count() or 1) + 2), thread_name_prefix="rex-disk-store"
+        )
+        self._loaded = False
+        self._load_lock = asyncio.Lock()
+        self._dropping: dict[Digest, asyncio.Future[None]] = {}
+        self._recent: dict[Digest, None] = {}
+        self._last_recency_flush = time.monotonic()
+        self._recency_flush: asyncio.Task[None] | None = None
+        self._last_stamp = 0
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def _path(self, digest: Digest) -> str:
+        return _blob_path(self._root, digest.function, digest.hash)
+
+    def _stamp(self) -> int:
+        """A strictly increasing mtime in ns, so uses recorded close together keep order."""
+        self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
+        return self._last_stamp
+
+    def _read_error(self, exc: OSError, digest: Digest) -> StorageError:
+        if isinstance(exc, FileNotFoundError):
+            self._index.discard(digest)  # removed behind our back
+            return BlobNotFoundError(digest)
+        return StorageError(
+            f"cannot read blob {digest} at {self._path(digest)}: {exc.strerror or exc}; "
+            "check the disk, or delete the file so the blob is uploaded again"
+        )
+
+    def _write_error(self, exc: OSError, digest: Digest) -> StorageError:
+        where = exc.filename or self._temp_dir
+        if exc.errno in _DISK_FULL:
+            return StoreFullError(
+                f"no space left on the disk holding the blob store at {self._root} ({where}) "
+                f"while writing blob {digest}; nothing was stored: free disk space or lower "
+                f"max_size ({CAP_OPTION}) below the free space"
+            )
+        return StorageError(
+            f"cannot write blob {digest} to the blob store at {self._root} ({where}): "
+            f"{exc.strerror or exc}; nothing was stored: check the directory's permissions "
+            "and the disk"
+        )
+
+    async def open(self) -> DiskBlobStore:
+        """Load the index now rather than on first use."""
+        await self._ready()
+        return self
+
+    async def _ready(self) -> None:
+        self._check_open()
+        if self._loaded:
+            return
+        async with self._load_lock:
+            if self._loaded:
+                return
+            try:
+                found, newest = await self._run(_scan, self._root)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot open the blob store at {self._root}: {exc}; check that the "
+                    "directory is writable, or set storage.blob_store.options.path"
+                ) from exc
+            self._index.load(found)
+            self._last_stamp = max(self._last_stamp, newest)
+            self._loaded = True
+            victims = self._index.trim()
+            if victims:
+                await self._drop(victims)
+
+    def _touch(self, digest: Digest) -> bool:
+        if not self._index.touch(digest):
+            return False
+        self._note_use(digest)
+        return True
+
+    def _note_use(self, digest: Digest) -> None:
+        recent = self._recent
+        recent.pop(digest, None)
+        recent[digest] = None
+        if self._recency_flush is None and (
+            len(recent) >= _RECENCY_BATCH
+            or time.monotonic() - self._last_recency_flush >= _RECENCY_INTERVAL
+        ):
+            try:
+                self._recency_flush = asyncio.get_running_loop().create_task(self._flush_recency())
+            except RuntimeError:  # no loop (a sync caller): the next use or close flushes
+                pass
+
+    async def _flush_recency(self) -> None:
+        try:
+            # Stamped in order of use, which is the index's order among these blobs.
+            stamps = [(self._path(d), self._stamp()) for d in self._recent if d in self._index]
+            self._recent.clear()
+            self._last_recency_flush = time.monotonic()
+            if stamps:
+                await self._run(_set_mtimes, stamps)
+        finally:
+            self._recency_flush = None
+
+    async def _drop(self, digests: list[Digest]) -> None:
+        done = asyncio.ensure_future(self._run(_remove_all, [self._path(d) for d in digests]))
+        for digest in digests:
+            self._dropping[digest] = done
+
+        def forget(_: object) -> None:
+            for digest in digests:
+                if self._dropping.get(digest) is done:
+                    del self._dropping[digest]
+
+        done.add_done_callback(forget)
+        await asyncio.shield(done)
+
+    async def get(self, digest: Digest) -> bytes:
+        await self._require(digest)
+        if digest.is_empty:
+            return b""
+        try:
+            return await self._run(_read_whole, self._path(digest))
+        except OSError as exc:
+            raise self._read_error(exc, digest) from exc
+
+    async def read(
+        self, digest: Digest, offset: int = 0, limit: int | None = None
+    ) -> AsyncIterator[bytes]:
+        await self._require(digest)
+        remaining = check_range(digest, offset, limit)
+        if not remaining:
+            return
+        try:
+            file, chunk = await self._run(_open_and_read, self._path(digest), offset, remaining)
+        except OSError as exc:
+            raise self._read_error(exc, digest) from exc
+        try:
+            while True:
+                if not chunk:
+                    raise StorageError(
+                        f"blob {digest} at {self._path(digest)} is shorter than its digest "
+                        "says; delete the file so the blob is uploaded again"
+                    )
+                remaining -= len(chunk)
+                yield chunk
+                if not remaining or file is None:
+                    return
+                try:
+                    chunk = await self._run(file.read, min(remaining, _READ_CHUNK))
+                except OSError as exc:
+                    raise self._read_error(exc, digest) from exc
+        finally:
+            if file is not None:
+                file.close()
+
+    def open_write(self, digest: Digest) -> _DiskBlobWriter:
+        self._check_open()
+        return _DiskBlobWriter(digest, self)
+
+    def local_path(self, digest: Digest) -> Path | None:
+        if not self._loaded or not (digest.is_empty or self._touch(digest)):
+            return None
+        return Path(self._path(digest))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._recency_flush is not None:
+            await self._recency_flush
+        if self._loaded:
+            await self._flush_recency()
+        if self._dropping:
+            await asyncio.wait(set(self._dropping.values()))
+        await asyncio.to_thread(self._executor.shutdown)
+
+
+def create_disk_store(options: DiskStoreOptions, context: ComponentContext) -> DiskBlobStore:
+    """The ``disk`` descriptor's factory."""
+    root = Path(options.path).expanduser() if options.path else Path("cas")
+    return DiskBlobStore(context.data_dir / root, max_size=options.max_size, fsync=options.fsync)

@@ -1,0 +1,47 @@
+"""The components rexcore ships, registered as the plugin ``rexcore`` on the same manager."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from rexcore import hookimpl
+from rexcore.artifacts.disk import DiskStoreOptions, create_disk_store
+from rexcore.artifacts.memory import MemoryStoreOptions, create_memory_store
+from rexcore.monitoring.health import HealthCheck, disk_space_check
+from rexcore.plugins.descriptors import BlobStoreDescriptor, CliOption, ProtocolDescriptor
+from rexcore.protocol.http_server import NativeHttpOptions, create_native_protocol
+
+if TYPE_CHECKING:
+    from rexcore.core.runtime import ServiceRuntime
+
+
+@hookimpl
+def rexcore_protocols() -> Iterator[ProtocolDescriptor]:
+    yield ProtocolDescriptor(
+        name="native",
+        factory=create_native_protocol,
+        options_type=NativeHttpOptions,
+        description="native HTTP API: CAS, action cache, health (what rex and workers use)",
+        cli_options=(
+            CliOption("--http", "listen", "address of the native HTTP API (default "
+                      "127.0.0.1:8981)", metavar="HOST:PORT"),
+        ),
+    )
+
+
+@hookimpl
+def rexcore_blob_stores() -> Iterator[BlobStoreDescriptor]:
+    yield BlobStoreDescriptor(
+        name="disk", factory=create_disk_store, options_type=DiskStoreOptions,
+        description="blobs as read-only files under the data dir, LRU-capped",
+    )
+    yield BlobStoreDescriptor(
+        name="memory", factory=create_memory_store, options_type=MemoryStoreOptions,
+        description="blobs in process memory, LRU-capped; lost on restart",
+    )
+
+
+@hookimpl
+def rexcore_health_checks(runtime: ServiceRuntime) -> Iterator[HealthCheck]:
+    yield disk_space_check(runtime.data_dir)

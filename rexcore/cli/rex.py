@@ -1,0 +1,170 @@
+"""``rex``: the command-line client of a rex server.
+
+::
+
+    rex cas put FILE [--digest-function blake3|sha256]   # prints function/hash/size
+    rex cas get DIGEST -o FILE
+
+The server is ``--server URL``, else ``$REX_SERVER``, else ``http://127.0.0.1:8981``.
+Exit status: 0 on success, 1 when the operation failed, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from rexcore import __version__
+from rexcore.artifacts.digest import DigestFunction, InvalidDigestError, parse_digest
+from rexcore.protocol.client import (
+    Progress,
+    RexClient,
+    RexClientError,
+    resolve_server,
+    tune_malloc_for_streaming,
+)
+
+__all__ = ["main"]
+
+#: Transfers smaller than this finish before a progress bar would be worth drawing.
+PROGRESS_MIN_BYTES = 8 << 20
+
+
+class _UsageError(Exception):
+    """A bad argument value found after parsing (exit status 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rex", description="client of a rex remote build execution server"
+    )
+    parser.add_argument("--version", action="version", version=f"rex {__version__}")
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        help="rex server, http://HOST:PORT or HOST:PORT "
+        "(default: $REX_SERVER, else http://127.0.0.1:8981)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    cas = commands.add_parser("cas", help="content-addressed storage: upload and download blobs")
+    cas_commands = cas.add_subparsers(dest="cas_command", metavar="ACTION", required=True)
+
+    functions = [f.value for f in DigestFunction]
+    progress_help = "show a progress bar (default: for files of 8 MiB or more on a terminal)"
+
+    put = cas_commands.add_parser("put", help="upload a file and print its digest")
+    put.add_argument("file", metavar="FILE", type=Path, help="file to upload")
+    put.add_argument(
+        "--digest-function", choices=functions, default=DigestFunction.BLAKE3.value,
+        help="hash function of the digest (default: blake3)",
+    )
+    put.add_argument("--progress", action=argparse.BooleanOptionalAction, help=progress_help)
+
+    get = cas_commands.add_parser("get", help="download a blob to a file")
+    get.add_argument(
+        "digest", metavar="DIGEST", help="function/hash/size, or hash/size with --digest-function"
+    )
+    get.add_argument("-o", "--output", metavar="FILE", type=Path, required=True,
+                     help="where to write the blob (replaced atomically)")
+    get.add_argument(
+        "--digest-function", choices=functions, default=DigestFunction.BLAKE3.value,
+        help="hash function when DIGEST is hash/size (default: blake3)",
+    )
+    get.add_argument("--progress", action=argparse.BooleanOptionalAction, help=progress_help)
+    return parser
+
+
+@contextlib.contextmanager
+def _progress_bar(description: str, size: int, wanted: bool | None) -> Iterator[Progress | None]:
+    show = wanted if wanted is not None else size >= PROGRESS_MIN_BYTES and sys.stderr.isatty()
+    if not show:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress as RichProgress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with RichProgress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=size)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+async def _cas_put(client: RexClient, args: argparse.Namespace) -> int:
+    path: Path = args.file
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise _UsageError(f"{path} is not a regular file; rex cas put uploads one file")
+    except OSError as exc:
+        raise RexClientError(f"cannot read {path}: {exc.strerror}; check the path") from None
+    with _progress_bar(f"put {path.name}", size, args.progress) as progress:
+        digest = await client.upload_file(path, DigestFunction(args.digest_function), progress)
+    print(digest)
+    return 0
+
+
+async def _cas_get(client: RexClient, args: argparse.Namespace) -> int:
+    try:
+        digest = parse_digest(args.digest, DigestFunction(args.digest_function))
+    except InvalidDigestError as exc:
+        raise _UsageError(f"{exc}; e.g. blake3/<64 hex>/<size> as printed by rex cas put") from None
+    output: Path = args.output
+    if output.is_dir():
+        raise _UsageError(f"{output} is a directory; give -o the path of the file to write")
+    if not output.parent.is_dir():
+        raise RexClientError(
+            f"cannot write {output}: directory {output.parent} does not exist; create it first"
+        )
+    with _progress_bar(f"get {output.name}", digest.size, args.progress) as progress:
+        await client.download_file(digest, output, progress)
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    async with RexClient(resolve_server(args.server)) as client:
+        if args.cas_command == "put":
+            return await _cas_put(client, args)
+        return await _cas_get(client, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    tune_malloc_for_streaming()
+    try:
+        return asyncio.run(_run(args))
+    except _UsageError as exc:
+        print(f"rex: error: {exc}", file=sys.stderr)
+        return 2
+    except RexClientError as exc:
+        print(f"rex: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the local file side: permissions, disk full, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"rex: error: {where}{exc.strerror or exc}; check the path and its permissions",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rex: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""``rexd``: the daemon. ``serve`` runs it; ``plugins list`` and ``config show`` inspect it.
+
+``rexd serve`` parses its command line twice: first to find ``--config`` (which says what
+plugins to load), then, with the loaded protocols' flags added (``--listen`` from
+rex-reapi, say), for real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rexcore import __version__
+from rexcore.config.converter import ConfigError, structure_config
+from rexcore.config.loader import (
+    ResolvedConfig,
+    effective_config,
+    read_config_file,
+    resolve_config,
+    set_option,
+)
+from rexcore.config.model import PluginsConfig, RexConfig
+from rexcore.plugins import discovery
+from rexcore.plugins.manager import PluginError, PluginManager, select_plugins
+
+__all__ = ["build_plugin_manager", "main"]
+
+
+class _Fail(Exception):
+    """Exit with a message (already phrased for the user) and a status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _base_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="rexd.toml to read (default: none; every option has a default)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="blobs, action cache and state (default: $REX_DATA_DIR, "
+                             "else ~/.local/share/rex)")
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rexd", description="rex remote execution daemon")
+    parser.add_argument("--version", action="version", version=f"rexd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser("serve", help="run the service until SIGINT/SIGTERM",
+                                add_help=False)
+    _base_options(serve)
+
+    plugins = commands.add_parser("plugins", help="inspect installed plugins")
+    plugin_commands = plugins.add_subparsers(dest="plugins_command", metavar="COMMAND",
+                                             required=True)
+    listing = plugin_commands.add_parser("list", help="list plugins, their components and status")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    _base_options(listing)
+
+    config = commands.add_parser("config", help="inspect configuration")
+    config_commands = config.add_subparsers(dest="config_command", metavar="COMMAND",
+                                            required=True)
+    show = config_commands.add_parser("show", help="print the effective config (TOML)")
+    show.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    _base_options(show)
+    return parser
+
+
+def _raw_config(args: argparse.Namespace) -> dict[str, Any]:
+    raw = read_config_file(args.config)
+    if args.data_dir:
+        raw["data_dir"] = args.data_dir
+    return raw
+
+
+def _plugins_config(raw: dict[str, Any], source: str) -> PluginsConfig:
+    return structure_config(raw.get("plugins", {}), PluginsConfig, path="$.plugins",
+                            source=source)
+
+
+def build_plugin_manager(plugins_config: PluginsConfig | None, *, strict: bool) -> PluginManager:
+    """Built-ins plus the installed plugins the config and environment select."""
+    manager = PluginManager()
+    manager.register_builtins()
+    selection = select_plugins(plugins_config, discovery.installed_names())
+    manager.load_installed(selection, strict=strict)
+    return manager
+
+
+def _resolve(raw: dict[str, Any], plugins: PluginManager, source: str) -> ResolvedConfig:
+    config = structure_config(raw, RexConfig, source=source)
+    return resolve_config(config, plugins, source)
+
+
+def _serve(argv: Sequence[str], args: argparse.Namespace) -> int:
+    source = str(args.config) if args.config else "config"
+    raw = _raw_config(args)
+    plugins = build_plugin_manager(_plugins_config(raw, source), strict=True)
+
+    parser = argparse.ArgumentParser(prog="rexd serve", description="run the rex service")
+    _base_options(parser)
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="logging level (default: logging.level in config, else info)")
+    flags: dict[str, str] = {}
+    for name, registered in sorted(plugins.components("protocol").items()):
+        for option in registered.descriptor.cli_options:
+            dest = f"protocol_{name}_{option.option}"
+            parser.add_argument(option.flag, dest=dest, metavar=option.metavar,
+                                help=f"{option.help} [protocols.{name}.{option.option}]")
+            flags[dest] = f"protocols.{name}.{option.option}"
+    full = parser.parse_args(argv)
+    for dest, dotted in flags.items():
+        value = getattr(full, dest)
+        if value is not None:
+            set_option(raw, dotted, value)
+    if full.log_level:
+        set_option(raw, "logging.level", full.log_level)
+    resolved = _resolve(raw, plugins, source)
+    logging.basicConfig(
+        level=resolved.config.logging.level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from rexcore.core.daemon import Daemon, DaemonError
+
+    try:
+        asyncio.run(Daemon(resolved, plugins).serve_forever())
+    except DaemonError as exc:
+        raise _Fail(str(exc)) from exc
+    return 0
+
+
+def _plugins_list(args: argparse.Namespace) -> int:
+    source = str(args.config) if args.config else "config"
+    raw = _raw_config(args)
+    plugins = build_plugin_manager(_plugins_config(raw, source), strict=False)
+    infos = plugins.plugin_infos()
+    if args.json:
+        rows = [
+            {"name": i.name, "distribution": i.distribution, "version": i.version,
+             "status": i.status, "reason": i.reason, "components": list(i.components)}
+            for i in infos
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="rex plugins")
+    for column in ("plugin", "distribution", "version", "status", "components"):
+        table.add_column(column)
+    for info in infos:
+        components = "\n".join(
+            f"{c['kind']}: {c['name']}" + ("" if c["available"] else f" (unavailable: {c['reason']})")
+            for c in info.components
+        ) or "-"
+        status = info.status + (f": {info.reason}" if info.reason else "")
+        table.add_row(info.name, info.distribution, info.version, status, components)
+    Console().print(table)
+    failed = [i for i in infos if i.status == "failed"]
+    for info in failed:
+        print(f"rexd: warning: plugin {info.name} ({info.distribution} {info.version}) "
+              f"failed to load: {info.reason}", file=sys.stderr)
+    return 0
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    source = str(args.config) if args.config else "config"
+    raw = _raw_config(args)
+    plugins = build_plugin_manager(_plugins_config(raw, source), strict=True)
+    data = _drop_none(effective_config(_resolve(raw, plugins, source)))
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        import tomli_w
+
+        sys.stdout.write(tomli_w.dumps(data))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _top_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "serve":
+            serve_at = argv.index("serve")
+            return _serve(argv[serve_at + 1:], args)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "plugins":
+            return _plugins_list(args)
+        return _config_show(args)
+    except ConfigError as exc:
+        print(f"rexd: error: {exc}", file=sys.stderr)
+        return 2
+    except PluginError as exc:
+        print(f"rexd: error: {exc}", file=sys.stderr)
+        return 1
+    except _Fail as exc:
+        print(f"rexd: error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

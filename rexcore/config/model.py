@@ -1,0 +1,114 @@
+"""The shape of ``rexd.toml``. Every option has a default, so rexd runs with no file.
+
+Component choices are ``{name, options}``: the name picks a descriptor registered by a
+plugin, and ``options`` is structured into that descriptor's ``options_type`` once plugins
+have loaded (:mod:`rexcore.config.resolve`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from rexcore.artifacts.digest import DigestFunction
+
+__all__ = [
+    "ActionCacheConfig",
+    "ComponentRef",
+    "LoggingConfig",
+    "PluginsConfig",
+    "RexConfig",
+    "StorageConfig",
+    "default_data_dir",
+]
+
+
+def default_data_dir() -> Path:
+    """``$REX_DATA_DIR``, else ``~/.local/share/rex``."""
+    env = os.environ.get("REX_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "rex"
+
+
+@attrs.frozen
+class ComponentRef:
+    """Which component to use and its options (checked against its ``options_type``)."""
+
+    name: str
+    options: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class PluginsConfig:
+    """Which plugin distributions rexd loads.
+
+    ``load``: entry-point names (distribution names) to import; empty means every
+    installed plugin, unless ``REXCORE_DISABLE_PLUGIN_AUTOLOAD=1``. ``REXCORE_PLUGINS=a,b``
+    overrides ``load``. ``disable``: names never to import, even when installed.
+    """
+
+    load: list[str] = attrs.field(factory=list)
+    disable: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class ActionCacheConfig:
+    """``enabled = false`` turns action-cache reads and writes off for every protocol.
+
+    ``allow_client_updates``: whether clients may write results (REAPI UpdateActionResult,
+    native ``PUT /v1/ac``); results of actions rex itself ran are always cached.
+    ``max_entries_in_memory``: size of the in-memory index in front of the on-disk entries.
+    """
+
+    enabled: bool = True
+    allow_client_updates: bool = True
+    max_entries_in_memory: int = 100_000
+
+
+@attrs.frozen
+class StorageConfig:
+    """Blobs and action results: the blob store backend and the digest functions served."""
+
+    blob_store: ComponentRef = attrs.field(factory=lambda: ComponentRef("disk"))
+    digest_functions: list[DigestFunction] = attrs.field(
+        factory=lambda: [DigestFunction.SHA256, DigestFunction.BLAKE3]
+    )
+    action_cache: ActionCacheConfig = attrs.field(factory=ActionCacheConfig)
+
+    @digest_functions.validator
+    def _not_empty(self, _attribute: attrs.Attribute, value: list[DigestFunction]) -> None:
+        if not value:
+            raise ValueError("at least one digest function must be enabled (sha256, blake3)")
+
+
+@attrs.frozen
+class LoggingConfig:
+    """``level``: debug, info, warning or error."""
+
+    level: str = attrs.field(default="info")
+
+    @level.validator
+    def _known(self, _attribute: attrs.Attribute, value: str) -> None:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError(f"unknown log level {value!r}; use debug, info, warning or error")
+
+
+@attrs.frozen
+class RexConfig:
+    """The whole of ``rexd.toml``.
+
+    ``protocols`` maps a protocol name to its options table; a protocol not named there
+    runs with its defaults, and ``enabled = false`` in its table switches it off.
+    """
+
+    data_dir: str = ""
+    plugins: PluginsConfig = attrs.field(factory=PluginsConfig)
+    storage: StorageConfig = attrs.field(factory=StorageConfig)
+    protocols: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()

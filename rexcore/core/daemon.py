@@ -1,0 +1,147 @@
+"""The running rexd: builds storage and protocols from resolved config, starts, stops.
+
+``rexd serve`` runs one :class:`Daemon` until SIGINT/SIGTERM; ``rexcore.testing`` runs one
+in-process on free ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+from rexcore.artifacts.action_cache import ActionCacheOptions, create_action_cache
+from rexcore.artifacts.store import StorageError
+from rexcore.config.loader import ResolvedConfig
+from rexcore.core.runtime import ServiceRuntime
+from rexcore.plugins.descriptors import ComponentContext
+from rexcore.plugins.manager import PluginManager
+
+__all__ = ["Daemon", "DaemonError"]
+
+log = logging.getLogger(__name__)
+
+
+class DaemonError(RuntimeError):
+    """rexd could not start: the data dir, a store or a listener failed."""
+
+
+class Daemon:
+    """Storage plus every enabled protocol, with an orderly start and a graceful stop."""
+
+    def __init__(self, resolved: ResolvedConfig, plugins: PluginManager) -> None:
+        self.resolved = resolved
+        self.plugins = plugins
+        self.runtime: ServiceRuntime | None = None
+        self.protocols: dict[str, Any] = {}
+        self._stopped = asyncio.Event()
+
+    @property
+    def context(self) -> ComponentContext:
+        return ComponentContext(
+            data_dir=self.resolved.data_dir, config=self.resolved.config, plugins=self.plugins
+        )
+
+    async def start(self) -> ServiceRuntime:
+        config = self.resolved.config
+        data_dir = self.resolved.data_dir
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DaemonError(
+                f"cannot create the data dir {data_dir}: {exc.strerror}; choose another with "
+                "--data-dir or REX_DATA_DIR"
+            ) from exc
+        self.plugins.configure(config)
+        context = self.context
+        store_descriptor = self.resolved.blob_store.registered.descriptor
+        try:
+            blob_store = await _maybe_await(
+                store_descriptor.factory(self.resolved.blob_store.options, context)
+            )
+            if hasattr(blob_store, "open"):  # scan and clean up now, not on the first request
+                await blob_store.open()
+            cache_config = config.storage.action_cache
+            action_cache = create_action_cache(
+                data_dir, blob_store,
+                ActionCacheOptions(max_entries_in_memory=cache_config.max_entries_in_memory),
+            )
+            await action_cache.open()
+        except (OSError, StorageError) as exc:
+            raise DaemonError(
+                f"blob store {store_descriptor.name!r} failed to open: {exc}"
+            ) from exc
+        self.runtime = runtime = ServiceRuntime(
+            config=config, data_dir=data_dir, blob_store=blob_store,
+            action_cache=action_cache, plugins=self.plugins,
+            digest_functions=tuple(config.storage.digest_functions),
+        )
+        runtime.health_checks = self.plugins.health_checks(runtime)
+        try:
+            for protocol in self.resolved.protocols:
+                descriptor = protocol.registered.descriptor
+                server = descriptor.factory(protocol.options, context, runtime)
+                try:
+                    await server.start()
+                except OSError as exc:
+                    raise DaemonError(
+                        f"protocol {descriptor.name!r} cannot listen: {exc.strerror or exc}; "
+                        f"pick another address in [protocols.{descriptor.name}]"
+                    ) from exc
+                self.protocols[descriptor.name] = server
+                for address in server.addresses:
+                    print(f"rexd: {descriptor.name} listening on {_url(server, address)}",
+                          file=sys.stderr, flush=True)
+        except BaseException:
+            await self._stop_parts()
+            raise
+        self.plugins.service_started(runtime)
+        return runtime
+
+    async def stop(self) -> None:
+        if self.runtime is not None:
+            self.plugins.service_stopping(self.runtime)
+        await self._stop_parts()
+        self._stopped.set()
+
+    async def _stop_parts(self) -> None:
+        for name, server in reversed(list(self.protocols.items())):
+            try:
+                await server.stop()
+            except Exception:
+                log.exception("protocol %s failed to stop cleanly", name)
+        self.protocols.clear()
+        if self.runtime is not None:
+            with contextlib.suppress(Exception):
+                await self.runtime.action_cache.close()
+            with contextlib.suppress(Exception):
+                await self.runtime.blob_store.close()
+            self.runtime = None
+
+    async def serve_forever(self) -> None:
+        """Start, then run until SIGINT or SIGTERM, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):  # Windows has no signal handlers
+                loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+            print("rexd: shutting down", file=sys.stderr, flush=True)
+        finally:
+            await self.stop()
+
+
+def _url(server: Any, address: str) -> str:
+    scheme = getattr(server, "scheme", "http")
+    return f"{scheme}://{address}"
+
+
+async def _maybe_await(value: Any) -> Any:
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        return await value
+    return value

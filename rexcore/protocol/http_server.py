@@ -1,0 +1,701 @@
+"""The native HTTP API: blobs (CAS), the action cache and health, served with aiohttp.
+
+Routes (every error is JSON ``{"error": {"code": ..., "message": ...}}``):
+
+- ``GET /healthz``: status, version, uptime and the blob store's stats.
+- ``GET|HEAD|PUT /v1/cas/{function}/{hash}/{size}``: read (``?offset=&limit=``), probe,
+  or upload one blob; uploads are verified against the address before they are stored.
+- ``POST /v1/cas/find-missing``: ``{"digests": [...]}`` in, ``{"missing": [...]}`` out.
+- ``GET|PUT /v1/ac/{function}/{hash}/{size}``: an action's cached ``ActionResult``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import types
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import attrs
+import orjson
+from aiohttp import web
+
+from rexcore import __version__
+from rexcore.artifacts.action_cache import MissingBlobsError
+from rexcore.artifacts.digest import Digest, DigestFunction, InvalidDigestError, parse_digest
+from rexcore.artifacts.store import (
+    BlobNotFoundError,
+    BlobStore,
+    DigestMismatchError,
+    StorageError,
+    StoreFullError,
+)
+from rexcore.config.types import ByteSize, HostPort, parse_host_port
+from rexcore.core.runtime import ServiceRuntime
+from rexcore.plugins.descriptors import ComponentContext
+from rexcore.protocol.client import tune_malloc_for_streaming
+from rexcore.serialization.action_result import ActionResult
+from rexcore.serialization.codec import WireFormatError, encode, structure
+
+__all__ = [
+    "NativeHttpError",
+    "NativeHttpOptions",
+    "NativeHttpProtocol",
+    "create_app",
+    "create_native_protocol",
+]
+
+_log = logging.getLogger(__name__)
+_JSON = "application/json"
+_OCTETS = "application/octet-stream"
+
+
+class NativeHttpError(Exception):
+    """The native HTTP server cannot start (bad ``listen`` address, port taken, ...)."""
+
+
+@attrs.frozen
+class NativeHttpOptions:
+    """Options of the ``native`` protocol (``[[protocols]] name = "native"`` in rexd.toml)."""
+
+    #: Where to listen, ``host:port``; port 0 picks a free port (see ``addresses``).
+    listen: HostPort = HostPort("127.0.0.1:8981")
+    #: The most digests one ``find-missing`` request may ask about; clients split larger sets.
+    max_find_missing: int = 100_000
+    #: The largest JSON request body (find-missing, action results); blobs are not limited.
+    max_json_body: ByteSize = ByteSize(32 << 20)
+    #: Bytes of a request body buffered per connection before reading from it pauses: a
+    #: large buffer lets an upload reach the store in few, large writes.
+    read_buffer: ByteSize = ByteSize(4 << 20)
+    #: Seconds in-flight requests get to finish on stop before their connections are closed.
+    shutdown_timeout: float = 5.0
+    #: Log every request to the ``aiohttp.access`` logger (costs ~10% on small requests).
+    access_log: bool = False
+
+
+class _ApiError(Exception):
+    """An error answer: HTTP status, a snake_case code, a message and optional fields."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+    def response(self, headers: dict[str, str] | None = None) -> web.Response:
+        return _error_response(self.status, self.code, self.message, headers, **self.extra)
+
+
+def _error_response(
+    status: int, code: str, message: str, headers: Any = None, **extra: Any
+) -> web.Response:
+    body = orjson.dumps({"error": {"code": code, "message": message, **extra}})
+    return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
+
+
+def _json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type=_JSON)
+
+
+_API_SHAPE = (
+    "the native API serves GET /healthz, GET|HEAD|PUT /v1/cas/{function}/{hash}/{size}, "
+    "POST /v1/cas/find-missing and GET|PUT /v1/ac/{function}/{hash}/{size}"
+)
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+}
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn every failure into a JSON error body; never an HTML page or a traceback."""
+    try:
+        return await handler(request)
+    except _ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        where = f"{request.method} {request.path}"
+        extra: dict[str, Any] = {}
+        if exc.status == 404:
+            message = f"no route for {where}; {_API_SHAPE}"
+        elif exc.status == 405:
+            allowed = sorted(getattr(exc, "allowed_methods", ()))
+            extra["allowed"] = allowed
+            message = f"{where} is not allowed; use {', '.join(allowed)}"
+        elif exc.status == 413:
+            message = (
+                f"the body of {where} is larger than this server accepts ({exc.text}); "
+                "split the request or raise the server's max_json_body"
+            )
+        else:
+            message = f"{where} failed: {exc.reason}"
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return _error_response(exc.status, code, message, allow, **extra)
+    except web.RequestPayloadError as exc:
+        return _error_response(
+            400, "invalid_body", f"the request body of {request.path} is malformed: {exc}"
+        )
+    except ConnectionError as exc:
+        # The client went away mid-request: routine, yet aiohttp would log it as a server
+        # error with a traceback. The answer below is never delivered, only dropped.
+        _log.debug("native HTTP API: client left %s %s: %s", request.method, request.path, exc)
+        response = _error_response(400, "client_disconnected", f"connection lost: {exc}")
+        response.force_close()
+        return response
+    except StorageError as exc:  # the store's messages name the cause and the remedy
+        _log.exception("native HTTP API: %s %s failed in storage", request.method, request.path)
+        return _error_response(500, "storage_error", str(exc))
+    except Exception as exc:
+        _log.exception("native HTTP API: %s %s failed", request.method, request.path)
+        return _error_response(
+            500,
+            "internal_error",
+            f"the server failed on {request.method} {request.path}: "
+            f"{type(exc).__name__}: {exc}; see the rexd log for the traceback",
+        )
+
+
+class _InFlight:
+    """Counts requests being handled, so ``stop`` can wait for them to finish.
+
+    aiohttp's own graceful shutdown ignores request bytes that arrive once it has begun
+    (aio-libs/aiohttp#2298), so an upload in progress could never complete under it. The
+    protocol therefore closes its listening sockets, waits here while bodies still flow,
+    and only then lets aiohttp close the connections.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if self.stopping:
+            response = _error_response(
+                503,
+                "shutting_down",
+                f"the server is stopping and takes no new requests; retry {request.method} "
+                f"{request.path} once it is back",
+            )
+            response.force_close()
+            return response
+        self.count += 1
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.count -= 1
+            if not self.count:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests; wait up to ``timeout`` seconds for the running ones."""
+        self.stopping = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+
+_IN_FLIGHT = web.AppKey("rex_in_flight", _InFlight)
+
+
+def _trusted_digest_maker() -> Callable[[DigestFunction, str, int], Digest] | None:
+    """Build a Digest from parts a regex already validated, skipping ``Digest.__init__``.
+
+    That constructor (frozen attrs plus its own hash check) costs ~3 us on these machines,
+    60% of a cold find-missing of 10k digests; filling the slots directly costs ~0.5 us.
+    Returns None (use the constructor) if Digest's layout is not the one this relies on.
+    """
+    names = [field.name for field in attrs.fields(Digest)]
+    slots = [Digest.__dict__.get(name) for name in names]
+    if names != ["function", "hash", "size"] or not all(
+        isinstance(slot, types.MemberDescriptorType) for slot in slots
+    ):
+        return None
+    set_function, set_hash, set_size = (slot.__set__ for slot in slots)  # type: ignore[union-attr]
+    new = object.__new__
+
+    def make(function: DigestFunction, hash_: str, size: int) -> Digest:
+        digest = new(Digest)
+        set_function(digest, function)
+        set_hash(digest, hash_)
+        set_size(digest, size)
+        return digest
+
+    return make
+
+
+class _DigestParser:
+    """Parses the canonical ``function/hash/size`` strings of find-missing, fast.
+
+    Build tools ask about the same inputs over and over, so parsed digests are remembered
+    (a dict, emptied when full: cheaper per hit than an LRU). Anything not canonical, or
+    of a function the server does not enable, raises; the caller then takes the slow,
+    precise path.
+    """
+
+    def __init__(self, functions: frozenset[DigestFunction], max_cached: int = 1 << 17) -> None:
+        names = "|".join(sorted(re.escape(f.value) for f in functions))
+        self._match = re.compile(rf"({names})/([0-9a-f]{{64}})/(0|[1-9][0-9]{{0,18}})").fullmatch
+        self._functions = {f.value: f for f in functions}
+        self._make = _trusted_digest_maker() or Digest
+        self._cache: dict[str, Digest] = {}
+        self._max_cached = max_cached
+
+    def parse_all(self, texts: list[Any]) -> list[Digest]:
+        cache = self._cache
+        get = cache.get
+        if len(cache) + len(texts) > self._max_cached:
+            cache.clear()
+        digests: list[Digest] = []
+        append = digests.append
+        for text in texts:
+            digest = get(text)  # TypeError on an unhashable entry
+            if digest is None:
+                match = self._match(text)  # TypeError on a non-string
+                if match is None:
+                    raise ValueError(text)
+                function, hash_, size = match.groups()
+                digest = cache[text] = self._make(self._functions[function], hash_, int(size))
+            append(digest)
+        return digests
+
+
+class _NativeApi:
+    """The handlers, bound to one runtime."""
+
+    def __init__(self, runtime: ServiceRuntime, options: NativeHttpOptions) -> None:
+        self._runtime = runtime
+        self._store: BlobStore = runtime.blob_store
+        self._options = options
+        self._functions = frozenset(runtime.digest_functions)
+        self._digests = _DigestParser(self._functions)
+
+    # -- addresses ------------------------------------------------------------------------
+
+    def _check_function(self, digest: Digest, where: str) -> Digest:
+        if digest.function not in self._functions:
+            enabled = ", ".join(f.value for f in self._runtime.digest_functions)
+            raise _ApiError(
+                400,
+                "unsupported_digest_function",
+                f"{where} uses digest function {digest.function.value}, which this server "
+                f"does not enable; enabled: {enabled}",
+            )
+        return digest
+
+    def _address(self, request: web.Request) -> Digest:
+        info = request.match_info
+        text = f"{info['function']}/{info['hash']}/{info['size']}"
+        try:
+            digest = parse_digest(text)
+        except ValueError as exc:  # int() of odd Unicode digits raises plain ValueError
+            raise _ApiError(
+                400,
+                "invalid_digest",
+                f"{request.path} is not a valid blob address: {exc}; "
+                "use /{function}/{64 lowercase hex}/{size in bytes}",
+            ) from None
+        return self._check_function(digest, request.path)
+
+    def _parse_text(self, text: Any) -> Digest:
+        if not isinstance(text, str):
+            raise InvalidDigestError(f"expected a string function/hash/size, got {text!r}")
+        return self._check_function(parse_digest(text), f"digest {text!r}")
+
+    def _parse_many(self, texts: list[Any]) -> tuple[list[Digest], bool]:
+        """The digests, and whether every text was canonical (so it equals ``str(digest)``)."""
+        try:
+            return self._digests.parse_all(texts), True
+        except (ValueError, TypeError, KeyError):
+            pass
+        for index, text in enumerate(texts):  # slow path only to name the bad entry
+            try:
+                self._parse_text(text)
+            except (ValueError, _ApiError) as exc:
+                cause = exc.message if isinstance(exc, _ApiError) else str(exc)
+                raise _ApiError(
+                    400,
+                    "invalid_digest",
+                    f"digests[{index}] is invalid: {cause}",
+                    index=index,
+                    digest=text if isinstance(text, str) else repr(text),
+                ) from None
+        # Only the fast path refused them (e.g. "SHA256/..." or a size with leading zeros).
+        return [self._parse_text(text) for text in texts], False
+
+    # -- health ---------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        stats = self._store.stats()
+        return _json_response(
+            {
+                "status": "ok",
+                "version": __version__,
+                "uptime_s": round(time.time() - self._runtime.started_at, 3),
+                "blob_store": attrs.asdict(stats),
+                "digest_functions": [f.value for f in self._runtime.digest_functions],
+            }
+        )
+
+    # -- CAS ------------------------------------------------------------------------------
+
+    async def head_blob(self, request: web.Request) -> web.Response:
+        digest = self._address(request)
+        if not await self._store.contains(digest):
+            raise _blob_not_found(digest)
+        return web.Response(
+            status=200, headers={"Content-Length": str(digest.size), "Content-Type": _OCTETS}
+        )
+
+    async def get_blob(self, request: web.Request) -> web.StreamResponse:
+        digest = self._address(request)
+        offset, limit = _read_range(request, digest)
+        if digest.is_empty:
+            return web.Response(body=b"", content_type=_OCTETS)
+        store = self._store
+        with store.pin([digest]):
+            if not await store.contains(digest):
+                raise _blob_not_found(digest)
+            path = store.local_path(digest) if offset == 0 and limit is None else None
+            if path is not None:
+                # FileResponse sends with sendfile(2); the pin keeps the file from eviction
+                # until it is open (prepare opens it and sends it all).
+                response: web.StreamResponse = _SentFileResponse(
+                    path, headers={"Content-Type": _OCTETS}
+                )
+                await response.prepare(request)
+                return response
+            return await self._stream_blob(request, digest, offset, limit)
+
+    async def _stream_blob(
+        self, request: web.Request, digest: Digest, offset: int, limit: int | None
+    ) -> web.StreamResponse:
+        length = digest.size - offset if limit is None else min(limit, digest.size - offset)
+        chunks = aiter(self._store.read(digest, offset, limit))
+        # Read the first chunk before sending headers, so a vanished blob is still a 404.
+        try:
+            first = await anext(chunks, b"")
+        except BlobNotFoundError:
+            raise _blob_not_found(digest) from None
+        response = web.StreamResponse(headers={"Content-Type": _OCTETS})
+        response.content_length = length
+        await response.prepare(request)
+        if first:
+            await response.write(first)
+        async for chunk in chunks:
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def put_blob(self, request: web.Request) -> web.Response:
+        digest = self._address(request)
+        declared = request.content_length
+        if declared is not None and declared != digest.size:
+            raise _ApiError(
+                400,
+                "content_length_mismatch",
+                f"Content-Length is {declared} but {request.path} says the blob has "
+                f"{digest.size} bytes; send exactly the blob's bytes",
+            )
+        store = self._store
+        if digest.is_empty or await store.contains(digest):
+            await _drain(request.content)  # content-addressed: the bytes we hold are the same
+            return _json_response({"digest": str(digest), "stored": False}, status=200)
+        try:
+            async with store.open_write(digest) as writer:
+                await _copy_body(request.content, writer.write, digest)
+        except DigestMismatchError as exc:
+            raise _ApiError(400, "digest_mismatch", str(exc)) from None
+        except StoreFullError as exc:
+            raise _ApiError(
+                507,
+                "store_full",
+                f"no room for blob {digest} ({digest.size} bytes): {exc}; nothing was stored. "
+                "Free disk space or lower the blob store's max_size",
+            ) from None
+        return _json_response({"digest": str(digest), "stored": True}, status=201)
+
+    async def find_missing(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        started = time.perf_counter()
+        doc = _json_object(body, "find-missing request")
+        texts = doc.get("digests")
+        unexpected = sorted(doc.keys() - {"digests"})
+        if not isinstance(texts, list) or unexpected:
+            cause = f"unexpected keys {unexpected}" if unexpected else "no digests list"
+            raise _ApiError(
+                400,
+                "invalid_request",
+                f"the find-missing body has {cause}; send "
+                '{"digests": ["function/hash/size", ...]}',
+            )
+        limit = self._options.max_find_missing
+        if len(texts) > limit:
+            raise _ApiError(
+                413,
+                "too_many_digests",
+                f"find-missing got {len(texts)} digests, this server answers at most {limit} "
+                "per request; split the request",
+                max_digests=limit,
+            )
+        digests, canonical = self._parse_many(texts)
+        missing = await self._store.find_missing(digests)
+        answer = _texts_of(missing, digests, texts) if canonical else [str(d) for d in missing]
+        response = _json_response({"missing": answer})
+        # Server time without the network, for benchmarks and for tracing slow builds.
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        response.headers["Server-Timing"] = f"app;dur={elapsed_ms:.3f}"
+        return response
+
+    # -- action cache ---------------------------------------------------------------------
+
+    async def get_action_result(self, request: web.Request) -> web.Response:
+        digest = self._address(request)
+        result = await self._runtime.action_cache.get(digest)
+        if result is None:
+            raise _ApiError(
+                404,
+                "action_result_not_found",
+                f"no cached result for action {digest} (never stored, or its output blobs "
+                "are gone); execute the action",
+                digest=str(digest),
+            )
+        return web.Response(body=encode(result), content_type=_JSON)
+
+    async def put_action_result(self, request: web.Request) -> web.Response:
+        digest = self._address(request)
+        raw = _json_object(await request.read(), "ActionResult")
+        try:
+            result = structure(raw, ActionResult)
+        except WireFormatError as exc:
+            raise _ApiError(400, "invalid_action_result", f"{exc}; fix the document") from None
+        try:
+            await self._runtime.action_cache.put(digest, result)
+        except MissingBlobsError as exc:
+            missing = [str(d) for d in exc.missing]
+            raise _ApiError(
+                400,
+                "missing_blobs",
+                f"the result of action {digest} refers to {len(missing)} blob(s) the CAS "
+                "does not hold; upload them first (PUT /v1/cas/...), then store the result",
+                missing=missing,
+            ) from None
+        return web.Response(body=encode(result), content_type=_JSON)
+
+
+class _SentFileResponse(web.FileResponse):
+    """A FileResponse its handler sends (to open the file inside a pin).
+
+    aiohttp prepares every returned response once more; FileResponse would then open and
+    send the file a second time, so a repeat ``prepare`` does nothing here.
+    """
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
+
+
+def _texts_of(missing: list[Digest], digests: list[Digest], texts: list[Any]) -> list[str]:
+    """The request's canonical strings for ``missing``: formatting 10k digests costs ~5 ms.
+
+    Stores return the very objects they were given, in input order; walking both lists by
+    identity finds their texts in one cheap pass. Any other answer is formatted instead.
+    """
+    found: list[str] = []
+    if not missing:
+        return found
+    want, count = missing[0], len(missing)
+    for digest, text in zip(digests, texts):
+        if digest is want:
+            found.append(text)
+            if len(found) == count:
+                return found
+            want = missing[len(found)]
+    return [str(digest) for digest in missing]
+
+
+def _blob_not_found(digest: Digest) -> _ApiError:
+    return _ApiError(
+        404,
+        "blob_not_found",
+        f"blob {digest} is not in the store; upload it with PUT /v1/cas/{digest}",
+        digest=str(digest),
+    )
+
+
+def _json_object(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _ApiError(400, "invalid_json", f"the {what} body is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _ApiError(
+            400, "invalid_json", f"the {what} body must be a JSON object, got {type(doc).__name__}"
+        )
+    return doc
+
+
+def _read_range(request: web.Request, digest: Digest) -> tuple[int, int | None]:
+    query = request.query
+    values: list[int | None] = []
+    for name in ("offset", "limit"):
+        text = query.get(name)
+        if text is None:
+            values.append(None)
+        elif text.isascii() and text.isdigit():
+            values.append(int(text))
+        else:
+            raise _ApiError(
+                400, "invalid_range", f"?{name}={text!r} must be a whole number of bytes"
+            )
+    offset, limit = values[0] or 0, values[1]
+    if offset > digest.size:
+        raise _ApiError(
+            416,
+            "range_not_satisfiable",
+            f"offset {offset} is past the end of blob {digest} ({digest.size} bytes)",
+        )
+    return offset, limit
+
+
+async def _drain(content: Any) -> None:
+    while await content.readany():
+        pass
+
+
+async def _copy_body(
+    content: Any, write: Callable[[bytes], Awaitable[None]], digest: Digest
+) -> None:
+    """Stream the request body into the store, stopping at the first excess byte.
+
+    Each ``readany`` hands over everything buffered so far in one piece (the read buffer is
+    ``read_buffer`` bytes); the store batches small pieces itself, so no further copy here.
+    """
+    total = 0
+    while chunk := await content.readany():
+        total += len(chunk)
+        if total > digest.size:
+            # Only a chunked upload gets here (Content-Length was checked); stop reading.
+            raise DigestMismatchError(digest, "", total)
+        await write(chunk)
+
+
+def create_app(runtime: ServiceRuntime, options: NativeHttpOptions | None = None) -> web.Application:
+    """The aiohttp application serving the native API over ``runtime``."""
+    options = options or NativeHttpOptions()
+    api = _NativeApi(runtime, options)
+    in_flight = _InFlight()
+    app = web.Application(
+        middlewares=[in_flight.middleware, _json_errors], client_max_size=options.max_json_body
+    )
+    app[_IN_FLIGHT] = in_flight
+    blob = "/v1/cas/{function}/{hash}/{size}"
+    action = "/v1/ac/{function}/{hash}/{size}"
+    app.router.add_get("/healthz", api.healthz, allow_head=False)
+    app.router.add_post("/v1/cas/find-missing", api.find_missing)
+    app.router.add_get(blob, api.get_blob, allow_head=False)
+    app.router.add_head(blob, api.head_blob)
+    app.router.add_put(blob, api.put_blob)
+    app.router.add_get(action, api.get_action_result, allow_head=False)
+    app.router.add_put(action, api.put_action_result)
+    return app
+
+
+def _format_address(sockname: Sequence[Any]) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class NativeHttpProtocol:
+    """The native HTTP API as a protocol adapter: ``await start()``, ``await stop()``."""
+
+    def __init__(
+        self, options: NativeHttpOptions, context: ComponentContext, runtime: ServiceRuntime
+    ) -> None:
+        try:
+            self._host, self._port = parse_host_port(options.listen)
+        except ValueError as exc:
+            raise NativeHttpError(f"native HTTP API: bad listen address: {exc}") from None
+        self.options = options
+        self.context = context
+        self.runtime = runtime
+        self._runner: web.AppRunner | None = None
+        self._in_flight = _InFlight()
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        tune_malloc_for_streaming()
+        app = create_app(self.runtime, self.options)
+        self._in_flight = app[_IN_FLIGHT]
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=logging.getLogger("aiohttp.access") if self.options.access_log else None,
+            # Requests had their time in stop(); what still runs then is stuck.
+            shutdown_timeout=min(self.options.shutdown_timeout, 1.0),
+            read_bufsize=self.options.read_buffer,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise NativeHttpError(
+                f"native HTTP API cannot listen on {self.options.listen}: {exc.strerror or exc}; "
+                "stop the process using it or choose another host:port (port 0 picks a free one)"
+            ) from exc
+        self._runner = runner
+        _log.info("native HTTP API listening on %s", ", ".join(self.addresses))
+
+    async def stop(self) -> None:
+        """Stop accepting, give in-flight requests ``shutdown_timeout`` seconds, then close."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        for site in list(runner.sites):
+            await site.stop()  # closes the listening sockets only
+        await self._in_flight.drain(self.options.shutdown_timeout)
+        await runner.cleanup()
+
+    @property
+    def addresses(self) -> list[str]:
+        """The bound ``host:port`` addresses (the real port when ``listen`` asked for 0)."""
+        if self._runner is None:
+            return []
+        return [
+            _format_address(name)
+            for name in self._runner.addresses
+            if isinstance(name, tuple) and len(name) >= 2
+        ]
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the first bound address (raises before ``start``)."""
+        addresses = self.addresses
+        if not addresses:
+            raise NativeHttpError("native HTTP API is not listening; call start() first")
+        return f"http://{addresses[0]}"
+
+
+def create_native_protocol(
+    options: NativeHttpOptions, context: ComponentContext, runtime: ServiceRuntime
+) -> NativeHttpProtocol:
+    """The ``native`` protocol descriptor's factory."""
+    return NativeHttpProtocol(options, context, runtime)
+
