@@ -25,25 +25,26 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import aiohttp  # noqa: E402
-import orjson  # noqa: E402
+import aiohttp
+import orjson
 
-from rexcore.artifacts.digest import Digest, DigestFunction, digest_of  # noqa: E402
-from rexcore.config.types import parse_size  # noqa: E402
-from rexcore.protocol.client import RexClient, tune_malloc_for_streaming  # noqa: E402
+from rexcore.artifacts.digest import Digest, DigestFunction, digest_of
+from rexcore.config.types import parse_size
+from rexcore.protocol.client import RexClient, tune_malloc_for_streaming
 
 _LISTENING = re.compile(r"rexd: native listening on (http://\S+)")
 
-# The server until `rexd serve` is the way to start one: the same parts the tests build,
-# announcing itself with the line rexd prints.
+# The fallback when `rexd serve` does not start: the parts the tests build, announcing
+# itself with the line rexd prints. start_server() is the one place that knows either.
 _INLINE_SERVER = textwrap.dedent(
     """
     import asyncio, signal, sys
@@ -78,18 +79,33 @@ def start_server(data_dir: Path, launch: str) -> tuple[subprocess.Popen[str], st
 
     Returns the process, its URL and how it was started.
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     commands = {
-        "rexd": [sys.executable, "-m", "rexcore.cli.rexd", "serve", "--data-dir", str(data_dir),
-                 "--http", "127.0.0.1:0"],
+        "rexd": [
+            sys.executable,
+            "-m",
+            "rexcore.cli.rexd",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--http",
+            "127.0.0.1:0",
+        ],
         "inline": [sys.executable, "-c", _INLINE_SERVER, str(data_dir)],
     }
     order = ["rexd", "inline"] if launch == "auto" else [launch]
     failures: list[str] = []
     for name in order:
         process = subprocess.Popen(
-            commands[name], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, env=env,
+            commands[name],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         assert process.stderr is not None
         seen: list[str] = []
@@ -97,16 +113,14 @@ def start_server(data_dir: Path, launch: str) -> tuple[subprocess.Popen[str], st
             seen.append(line)
             if match := _LISTENING.search(line):
                 # Keep reading stderr so the server never blocks on a full pipe.
-                threading_drain(process)
+                _drain_stderr(process)
                 return process, match.group(1), name
         process.wait()
         failures.append(f"{name}: exited {process.returncode}: {''.join(seen[-3:]).strip()}")
     raise SystemExit("bench: could not start a server; " + "; ".join(failures))
 
 
-def threading_drain(process: subprocess.Popen[str]) -> None:
-    import threading
-
+def _drain_stderr(process: subprocess.Popen[str]) -> None:
     def drain() -> None:
         assert process.stderr is not None
         for _ in process.stderr:
@@ -115,16 +129,19 @@ def threading_drain(process: subprocess.Popen[str]) -> None:
     threading.Thread(target=drain, daemon=True).start()
 
 
-async def timed(action: Callable[[], Awaitable[Any]]) -> float:
+async def timed(action: Awaitable[Any]) -> tuple[float, Any]:
+    """Seconds ``action`` took, and its result."""
     started = time.perf_counter()
-    await action()
-    return time.perf_counter() - started
+    result = await action
+    return time.perf_counter() - started, result
 
 
 def summary(name: str, seconds: list[float], size: int) -> dict[str, float]:
     rates = [size / s / 1e6 for s in seconds]
-    return {f"{name}_MBps": round(statistics.median(rates), 1),
-            f"{name}_MBps_best": round(max(rates), 1)}
+    return {
+        f"{name}_MBps": round(statistics.median(rates), 1),
+        f"{name}_MBps_best": round(max(rates), 1),
+    }
 
 
 def _digests(count: int, present: list[bytes]) -> list[Digest]:
@@ -146,21 +163,17 @@ async def bench(url: str, size: int, runs: int, work: Path) -> dict[str, Any]:
         for _ in range(runs):
             data = os.urandom(size)
             digest = digest_of(data)
-            put.append(await timed(lambda: client.put_blob(digest, data)))
-            get.append(await timed(lambda: client.get_blob(digest)))
+            put.append((await timed(client.put_blob(digest, data)))[0])
+            get.append((await timed(client.get_blob(digest)))[0])
         results |= summary("put", put, size) | summary("get", get, size)
 
         upload, download = [], []
         source, target = work / "source.bin", work / "target.bin"
         for _ in range(runs):
             source.write_bytes(os.urandom(size))
-            holder: list[Digest] = []
-
-            async def up() -> None:
-                holder.append(await client.upload_file(source))
-
-            upload.append(await timed(up))
-            download.append(await timed(lambda: client.download_file(holder[0], target)))
+            seconds, digest = await timed(client.upload_file(source))
+            upload.append(seconds)
+            download.append((await timed(client.download_file(digest, target)))[0])
         results |= summary("upload_file", upload, size) | summary("download_file", download, size)
 
         cold, repeat, cold_server, repeat_server = [], [], [], []
@@ -169,7 +182,8 @@ async def bench(url: str, size: int, runs: int, work: Path) -> dict[str, Any]:
             async def server_ms(digests: list[Digest]) -> float:
                 body = orjson.dumps({"digests": [str(d) for d in digests]})
                 async with http.post(
-                    f"{url}/v1/cas/find-missing", data=body,
+                    f"{url}/v1/cas/find-missing",
+                    data=body,
                     headers={"Content-Type": "application/json"},
                 ) as response:
                     await response.read()
@@ -182,8 +196,8 @@ async def bench(url: str, size: int, runs: int, work: Path) -> dict[str, Any]:
                 for blob in blobs:
                     await client.put_blob(digest_of(blob), blob)
                 asked = _digests(10_000, blobs)
-                cold.append(await timed(lambda: client.find_missing(asked)))
-                repeat.append(await timed(lambda: client.find_missing(asked)))
+                cold.append((await timed(client.find_missing(asked)))[0])
+                repeat.append((await timed(client.find_missing(asked)))[0])
                 fresh = _digests(10_000, blobs)
                 cold_server.append(await server_ms(fresh))
                 repeat_server.append(await server_ms(fresh))
@@ -199,9 +213,13 @@ def main() -> int:
     parser.add_argument("--server", help="URL of a running server (default: start one)")
     parser.add_argument("--size", default="64MiB", help="blob size (default 64MiB)")
     parser.add_argument("--runs", type=int, default=5, help="runs per figure (default 5)")
-    parser.add_argument("--launch", choices=["auto", "rexd", "inline"], default="auto",
-                        help="how to start the server without --server (auto: rexd serve, "
-                        "else the inline bootstrap)")
+    parser.add_argument(
+        "--launch",
+        choices=["auto", "rexd", "inline"],
+        default="auto",
+        help="how to start the server without --server (auto: rexd serve, "
+        "else the inline bootstrap)",
+    )
     args = parser.parse_args()
     size = parse_size(args.size)
     tune_malloc_for_streaming()  # as the rex CLI does
@@ -218,14 +236,19 @@ def main() -> int:
             if process is not None:
                 process.terminate()
                 process.wait(timeout=30)
-    print(json.dumps({
-        **results,
-        "blob_bytes": size,
-        "runs": args.runs,
-        "digest_function": DigestFunction.BLAKE3.value,
-        "server": launched,
-        "cpus": os.cpu_count(),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                **results,
+                "blob_bytes": size,
+                "runs": args.runs,
+                "digest_function": DigestFunction.BLAKE3.value,
+                "server": launched,
+                "cpus": os.cpu_count(),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -130,3 +130,34 @@ def test_config_errors_exit_2_with_paths_on_stderr(tmp_path):
     result = run_rexd("config", "show", "--config", str(path))
     assert result.returncode == 2
     assert "colour" in result.stderr and "$" in result.stderr
+
+
+def _option_names(cls: type, prefix: str = "") -> list[str]:
+    import attrs
+
+    attrs.resolve_types(cls)
+    names = []
+    for field in attrs.fields(cls):
+        nested = field.type if isinstance(field.type, type) and attrs.has(field.type) else None
+        if nested is not None and nested.__module__.startswith("rexcore.config"):
+            names.extend(_option_names(nested, f"{prefix}{field.name}."))
+        else:
+            names.append(f"{prefix}{field.name}")
+    return names
+
+
+def test_every_option_is_documented_in_docs_configuration(plugin_manager):
+    import attrs
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    missing = []
+    for name in _option_names(RexConfig):
+        parts = name.split(".")
+        if not any(f"`{'.'.join(parts[i:])}`" in doc for i in range(len(parts))):
+            missing.append(name)
+    for kind in ("blob_store", "protocol"):
+        for component, registered in plugin_manager.components(kind).items():
+            for field in attrs.fields(registered.descriptor.options_type):
+                if f"`{field.name}`" not in doc:
+                    missing.append(f"{kind} {component}: {field.name}")
+    assert not missing, f"undocumented options: {missing}"

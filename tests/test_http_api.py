@@ -15,13 +15,19 @@ import aiohttp
 import attrs
 import orjson
 import pytest
+from hypothesis import HealthCheck as HypothesisHealthCheck
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rexcore import __version__
 from rexcore.artifacts.action_cache import create_action_cache
-from rexcore.artifacts.digest import Digest, DigestFunction, digest_of
+from rexcore.artifacts.digest import Digest, DigestFunction, digest_of, parse_digest
 from rexcore.artifacts.disk import DiskBlobStore
+from rexcore.config.types import HostPort
 from rexcore.core.runtime import ServiceRuntime
+from rexcore.monitoring.health import HealthCheck
 from rexcore.plugins.descriptors import ComponentContext
+from rexcore.protocol import client as client_module
 from rexcore.protocol.client import (
     BlobNotFound,
     DigestMismatch,
@@ -55,15 +61,23 @@ class Served:
 
 
 async def _serve(
-    tmp_path: Path, store_root: Path, options: NativeHttpOptions | None = None
+    tmp_path: Path,
+    store_root: Path,
+    options: NativeHttpOptions | None = None,
+    functions: tuple[DigestFunction, ...] = (DigestFunction.SHA256, DigestFunction.BLAKE3),
 ) -> AsyncIterator[Served]:
     store = DiskBlobStore(store_root)
     cache = create_action_cache(tmp_path, store)
     runtime = ServiceRuntime(
-        config=None, data_dir=tmp_path, blob_store=store, action_cache=cache, plugins=None
+        config=None,
+        data_dir=tmp_path,
+        blob_store=store,
+        action_cache=cache,
+        plugins=None,
+        digest_functions=functions,
     )
     protocol = NativeHttpProtocol(
-        options or NativeHttpOptions(listen="127.0.0.1:0"),
+        options or NativeHttpOptions(listen=HostPort("127.0.0.1:0")),
         ComponentContext(data_dir=tmp_path),
         runtime,
     )
@@ -73,9 +87,7 @@ async def _serve(
             yield Served(protocol, runtime, store, protocol.url, http, client)
     finally:
         await protocol.stop()
-        close = getattr(cache, "close", None)
-        if close is not None:
-            await close()
+        await cache.close()
         await store.close()
 
 
@@ -97,7 +109,9 @@ def small_disk(tmp_path: Path) -> Any:
         pytest.skip("mounting a tmpfs needs root")
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
@@ -116,6 +130,15 @@ def _files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
+async def _no_temp_files_eventually(store: DiskBlobStore) -> None:
+    """The server notices a dropped connection on its own schedule; then nothing is left."""
+    for _ in range(200):
+        if not _files_under(store.root / "tmp"):
+            return
+        await asyncio.sleep(0.025)
+    assert not _files_under(store.root / "tmp")
+
+
 # -- server basics ----------------------------------------------------------------------------
 
 
@@ -130,11 +153,39 @@ async def test_healthz_reports_status_version_uptime_and_store_stats(served: Ser
     digest, data = _blob(1000)
     await served.client.put_blob(digest, data)
     health = await served.client.health()
-    assert health["status"] == "ok"
+    assert (health["status"], health["checks"]) == ("ok", {})
     assert health["version"] == __version__
     assert health["uptime_s"] >= 0
     assert health["blob_store"]["blobs"] >= 1
     assert health["blob_store"]["bytes"] >= 1000
+
+
+async def test_healthz_is_503_while_a_health_check_fails(served: Served) -> None:
+    state = {"healthy": True}
+
+    async def flux() -> tuple[bool, str]:
+        return state["healthy"], "the flux capacitor"
+
+    served.runtime.health_checks = [HealthCheck("flux", flux)]
+    assert (await served.client.health())["checks"]["flux"]["healthy"] is True
+    state["healthy"] = False
+    async with served.http.get(f"{served.url}/healthz") as response:
+        assert response.status == 503
+        body = await response.json()
+    assert body["status"] == "unhealthy"
+    assert body["checks"]["flux"] == {"healthy": False, "detail": "the flux capacitor"}
+    assert (await served.client.health())["status"] == "unhealthy"
+
+
+async def test_a_port_in_use_is_an_os_error_naming_the_address(
+    served: Served, tmp_path: Path
+) -> None:
+    taken = NativeHttpOptions(listen=HostPort(served.protocol.addresses[0]))
+    other = NativeHttpProtocol(taken, ComponentContext(data_dir=tmp_path), served.runtime)
+    with pytest.raises(OSError, match="address already in use") as caught:
+        await other.start()
+    assert served.protocol.addresses[0].rsplit(":", 1)[1] in str(caught.value)
+    assert other.addresses == []
 
 
 async def test_unknown_route_is_a_json_404(served: Served) -> None:
@@ -294,19 +345,15 @@ async def test_put_of_bytes_that_do_not_match_the_digest_stores_nothing(served: 
 async def test_upload_cut_off_by_the_client_leaves_nothing_behind(served: Served) -> None:
     digest, data = _blob(4 << 20)
     host, port = served.protocol.addresses[0].rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    _, writer = await asyncio.open_connection(host, int(port))
     writer.write(
-        f"PUT /v1/cas/{digest} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n"
-        .encode() + data[: 3 << 20]
+        f"PUT /v1/cas/{digest} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data[: 3 << 20]
     )
     await writer.drain()
     await asyncio.sleep(0.2)  # let the server start writing the blob
     writer.transport.abort()
-    for _ in range(100):  # the server notices the reset on its own schedule
-        if not _files_under(served.store.root / "tmp"):
-            break
-        await asyncio.sleep(0.05)
-    assert not _files_under(served.store.root / "tmp")
+    await _no_temp_files_eventually(served.store)
     assert not await served.client.contains(digest)
     assert await served.client.put_blob(digest, data)  # and the next try succeeds
 
@@ -357,6 +404,20 @@ async def test_malformed_blob_addresses_are_a_400(
     assert "/v1/cas/" in error["message"]
     async with served.http.head(f"{served.url}/v1/cas/{address}") as response:
         assert response.status == 400
+
+
+async def test_a_digest_function_the_server_does_not_enable_is_refused(tmp_path: Path) -> None:
+    async for served in _serve(tmp_path, tmp_path / "cas", functions=(BLAKE3,)):
+        digest, data = _blob(100, SHA256)
+        status, error = await served.error("PUT", f"/v1/cas/{digest}", data=data)
+        assert (status, error["code"]) == (400, "unsupported_digest_function")
+        assert "sha256" in error["message"] and "enabled: blake3" in error["message"]
+        good = str(_blob(100)[0])
+        status, error = await served.error(
+            "POST", "/v1/cas/find-missing", json={"digests": [good, str(digest)]}
+        )
+        assert (status, error["code"], error["index"]) == (400, "invalid_digest", 1)
+        assert "enabled: blake3" in error["message"]
 
 
 # -- find-missing -----------------------------------------------------------------------------
@@ -419,6 +480,41 @@ async def test_find_missing_names_the_malformed_entry_and_its_index(
     assert "digests[2]" in error["message"] and cause in error["message"]
 
 
+_DIGEST_TEXTS = st.builds(
+    "{}/{}/{}".format,
+    st.sampled_from(["blake3", "sha256", "SHA256", "md5", ""]),
+    st.one_of(
+        st.text("0123456789abcdef", min_size=64, max_size=64),
+        st.text("0123456789abcdefABG", min_size=62, max_size=66),
+    ),
+    st.one_of(st.integers(0, 10**20).map(str), st.sampled_from(["007", "-1", "1e3", "²", ""])),
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HypothesisHealthCheck.function_scoped_fixture],
+)
+@given(text=_DIGEST_TEXTS)
+async def test_find_missing_accepts_exactly_what_parse_digest_accepts(
+    served: Served, text: str
+) -> None:
+    try:
+        expected: Digest | None = parse_digest(text)
+    except ValueError:
+        expected = None
+    async with served.http.post(
+        f"{served.url}/v1/cas/find-missing", json={"digests": [text]}
+    ) as response:
+        answer = await response.json()
+    if expected is None:
+        assert (response.status, answer["error"]["code"]) == (400, "invalid_digest")
+    else:
+        missing = [] if expected.is_empty else [str(expected)]  # empties are always held
+        assert (response.status, answer) == (200, {"missing": missing})
+
+
 @pytest.mark.parametrize(
     ("body", "code"),
     [
@@ -429,13 +525,15 @@ async def test_find_missing_names_the_malformed_entry_and_its_index(
         (b'{"digests": [], "extra": 1}', "invalid_request"),
     ],
 )
-async def test_find_missing_rejects_a_malformed_body(served: Served, body: bytes, code: str) -> None:
+async def test_find_missing_rejects_a_malformed_body(
+    served: Served, body: bytes, code: str
+) -> None:
     status, error = await served.error("POST", "/v1/cas/find-missing", data=body)
     assert (status, error["code"]) == (400, code)
 
 
 async def test_find_missing_refuses_more_digests_than_the_server_allows(tmp_path: Path) -> None:
-    options = NativeHttpOptions(listen="127.0.0.1:0", max_find_missing=3)
+    options = NativeHttpOptions(listen=HostPort("127.0.0.1:0"), max_find_missing=3)
     async for served in _serve(tmp_path, tmp_path / "cas", options):
         digests = [str(_blob(8)[0]) for _ in range(4)]
         status, error = await served.error(
@@ -488,9 +586,7 @@ async def test_action_result_with_missing_blobs_is_refused_with_the_list(served:
     result, _ = await _result_with_outputs(served)
     gone = _blob(77)[0]
     result = attrs.evolve(result, stderr_digest=gone)
-    status, error = await served.error(
-        "PUT", f"/v1/ac/{action}", data=orjson.dumps(_wire(result))
-    )
+    status, error = await served.error("PUT", f"/v1/ac/{action}", data=orjson.dumps(_wire(result)))
     assert (status, error["code"], error["missing"]) == (400, "missing_blobs", [str(gone)])
     with pytest.raises(MissingBlobs) as caught:
         await served.client.put_action_result(action, result)
@@ -583,6 +679,29 @@ async def test_upload_file_skips_the_upload_when_the_server_has_the_blob(
     assert await served.client.upload_file(source) == digest
 
 
+@pytest.mark.parametrize("change", ["shrink", "grow", "rewrite"])
+async def test_upload_of_a_file_that_changes_after_hashing_fails_cleanly(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(6 << 20))
+    real_hash = client_module._hash_file
+
+    def hash_then_change(path: Path, function: DigestFunction) -> Digest:
+        digest = real_hash(path, function)
+        data = path.read_bytes()
+        changed = {"shrink": data[:-10], "grow": data + b"more", "rewrite": data[::-1]}[change]
+        path.write_bytes(changed)
+        return digest
+
+    monkeypatch.setattr(client_module, "_hash_file", hash_then_change)
+    with pytest.raises(RexClientError, match="changed while it was uploaded") as caught:
+        await asyncio.wait_for(served.client.upload_file(source), 30)
+    assert str(source) in str(caught.value)
+    await _no_temp_files_eventually(served.store)
+    assert (await served.client.health())["blob_store"]["blobs"] <= 2  # the empty blobs only
+
+
 async def test_download_verifies_the_digest_and_leaves_nothing_on_mismatch(
     served: Served, tmp_path: Path
 ) -> None:
@@ -648,9 +767,11 @@ async def test_stop_lets_an_inflight_upload_finish(served: Served) -> None:
 
     uploading = asyncio.create_task(upload())
     await sent_first.wait()
-    await asyncio.sleep(0.05)  # let the server start handling it
+    while not _files_under(served.store.root / "tmp"):  # the server is writing the blob
+        await asyncio.sleep(0.01)
     stopping = asyncio.create_task(served.protocol.stop())
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # stop() is now waiting for the upload
+    assert not stopping.done()
     proceed.set()
     assert await uploading == 201
     await stopping

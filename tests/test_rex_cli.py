@@ -16,6 +16,7 @@ from rexcore import __version__
 from rexcore.artifacts.action_cache import create_action_cache
 from rexcore.artifacts.digest import DigestFunction, digest_of
 from rexcore.artifacts.disk import DiskBlobStore
+from rexcore.config.types import HostPort
 from rexcore.core.runtime import ServiceRuntime
 from rexcore.plugins.descriptors import ComponentContext
 from rexcore.protocol.http_server import NativeHttpOptions, NativeHttpProtocol
@@ -38,7 +39,10 @@ async def rex(*args: str, **env: str) -> Ran:
     )
     environment.update(env)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rexcore.cli.rex", *args,
+        sys.executable,
+        "-m",
+        "rexcore.cli.rex",
+        *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -60,7 +64,9 @@ async def server(tmp_path: Path) -> AsyncIterator[str]:
         plugins=None,
     )
     protocol = NativeHttpProtocol(
-        NativeHttpOptions(listen="127.0.0.1:0"), ComponentContext(data_dir=tmp_path), runtime
+        NativeHttpOptions(listen=HostPort("127.0.0.1:0")),
+        ComponentContext(data_dir=tmp_path),
+        runtime,
     )
     await protocol.start()
     try:
@@ -83,8 +89,9 @@ async def test_put_then_get_gives_back_an_identical_file(
     data = os.urandom(3 << 20)
     source = tmp_path / "input.bin"
     source.write_bytes(data)
-    put = await rex("--server", server, "cas", "put", str(source),
-                    "--digest-function", function.value)
+    put = await rex(
+        "--server", server, "cas", "put", str(source), "--digest-function", function.value
+    )
     assert put.returncode == 0, put.stderr
     assert put.stdout == f"{digest_of(data, function)}\n"
 
@@ -103,8 +110,9 @@ async def test_get_accepts_hash_and_size_with_a_digest_function(
     put = await rex("--server", server, "cas", "put", str(source), "--digest-function", "sha256")
     short = put.stdout.strip().split("/", 1)[1]
     target = tmp_path / "output.bin"
-    got = await rex("--server", server, "cas", "get", short, "--digest-function", "sha256",
-                    "-o", str(target))
+    got = await rex(
+        "--server", server, "cas", "get", short, "--digest-function", "sha256", "-o", str(target)
+    )
     assert got.returncode == 0, got.stderr
     assert target.read_bytes() == b"hello rex\n"
 

@@ -76,7 +76,7 @@ class DigestFunction(enum.Enum):
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
-@attrs.frozen(order=True, repr=False)
+@attrs.frozen(order=True, repr=False, cache_hash=True)
 class Digest:
     """A blob's address: ``function/hash/size``, e.g. ``blake3/af13.../1024``."""
 

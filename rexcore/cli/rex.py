@@ -38,6 +38,10 @@ class _UsageError(Exception):
     """A bad argument value found after parsing (exit status 2)."""
 
 
+class _LocalError(Exception):
+    """A problem on this machine's side, e.g. an unreadable file (exit status 1)."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rex", description="client of a rex remote build execution server"
@@ -59,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     put = cas_commands.add_parser("put", help="upload a file and print its digest")
     put.add_argument("file", metavar="FILE", type=Path, help="file to upload")
     put.add_argument(
-        "--digest-function", choices=functions, default=DigestFunction.BLAKE3.value,
+        "--digest-function",
+        choices=functions,
+        default=DigestFunction.BLAKE3.value,
         help="hash function of the digest (default: blake3)",
     )
     put.add_argument("--progress", action=argparse.BooleanOptionalAction, help=progress_help)
@@ -68,10 +74,18 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument(
         "digest", metavar="DIGEST", help="function/hash/size, or hash/size with --digest-function"
     )
-    get.add_argument("-o", "--output", metavar="FILE", type=Path, required=True,
-                     help="where to write the blob (replaced atomically)")
     get.add_argument(
-        "--digest-function", choices=functions, default=DigestFunction.BLAKE3.value,
+        "-o",
+        "--output",
+        metavar="FILE",
+        type=Path,
+        required=True,
+        help="where to write the blob (replaced atomically)",
+    )
+    get.add_argument(
+        "--digest-function",
+        choices=functions,
+        default=DigestFunction.BLAKE3.value,
         help="hash function when DIGEST is hash/size (default: blake3)",
     )
     get.add_argument("--progress", action=argparse.BooleanOptionalAction, help=progress_help)
@@ -88,10 +102,12 @@ def _progress_bar(description: str, size: int, wanted: bool | None) -> Iterator[
     from rich.progress import (
         BarColumn,
         DownloadColumn,
-        Progress as RichProgress,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
+    )
+    from rich.progress import (
+        Progress as RichProgress,
     )
 
     with RichProgress(
@@ -114,7 +130,7 @@ async def _cas_put(client: RexClient, args: argparse.Namespace) -> int:
         if not path.is_file():
             raise _UsageError(f"{path} is not a regular file; rex cas put uploads one file")
     except OSError as exc:
-        raise RexClientError(f"cannot read {path}: {exc.strerror}; check the path") from None
+        raise _LocalError(f"cannot read {path}: {exc.strerror}; check the path") from None
     with _progress_bar(f"put {path.name}", size, args.progress) as progress:
         digest = await client.upload_file(path, DigestFunction(args.digest_function), progress)
     print(digest)
@@ -130,7 +146,7 @@ async def _cas_get(client: RexClient, args: argparse.Namespace) -> int:
     if output.is_dir():
         raise _UsageError(f"{output} is a directory; give -o the path of the file to write")
     if not output.parent.is_dir():
-        raise RexClientError(
+        raise _LocalError(
             f"cannot write {output}: directory {output.parent} does not exist; create it first"
         )
     with _progress_bar(f"get {output.name}", digest.size, args.progress) as progress:
@@ -151,19 +167,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_run(args))
     except _UsageError as exc:
-        print(f"rex: error: {exc}", file=sys.stderr)
-        return 2
-    except RexClientError as exc:
-        print(f"rex: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), 2)
+    except (RexClientError, _LocalError) as exc:
+        return _fail(str(exc), 1)
     except OSError as exc:  # the local file side: permissions, disk full, ...
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"rex: error: {where}{exc.strerror or exc}; check the path and its permissions",
-              file=sys.stderr)
-        return 1
+        return _fail(f"{where}{exc.strerror or exc}; check the path and its permissions", 1)
     except KeyboardInterrupt:
         print("rex: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"rex: error: {' '.join(message.split())}", file=sys.stderr)  # always one line
+    return status
 
 
 if __name__ == "__main__":

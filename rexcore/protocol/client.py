@@ -17,12 +17,10 @@ import contextlib
 import ctypes
 import hashlib
 import os
-import platform
 import secrets
-import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn, Self
 
 import aiohttp
 import blake3
@@ -107,11 +105,11 @@ def tune_malloc_for_streaming() -> bool:
     Process-wide: call it once at the start of a process that moves blobs (rexd, rex,
     workers). Returns whether it applied (only on glibc).
     """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
     try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):  # musl, macOS, Windows: leave them be
+            return False
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (ValueError, OSError, AttributeError):
         return False
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # from <malloc.h>
     settings = ((m_mmap_threshold, 16 << 20), (m_trim_threshold, 128 << 20), (m_top_pad, 16 << 20))
@@ -126,8 +124,12 @@ def resolve_server(explicit: str | None) -> str:
     value = (explicit or os.environ.get("REX_SERVER") or DEFAULT_SERVER).strip()
     if "://" not in value:
         value = f"http://{value}"
-    url = URL(value)
-    if url.scheme not in ("http", "https") or not url.host:
+    try:
+        url = URL(value)
+        valid = url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+    except ValueError:
+        valid = False
+    if not valid:
         raise RexClientError(
             f"server address {value!r} is not http://HOST:PORT or HOST:PORT; "
             "fix --server or REX_SERVER"
@@ -149,7 +151,7 @@ class RexClient:
         )
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> RexClient:
+    async def __aenter__(self) -> Self:
         self._open()
         return self
 
@@ -162,7 +164,7 @@ class RexClient:
                 timeout=self._timeout,
                 # Big reads: a blob arrives in few, large slices.
                 read_bufsize=_CHUNK,
-                # Blobs are content-addressed; compression is negotiated per chunk elsewhere.
+                # The digest covers the bytes as sent; nothing may decode them on the way.
                 auto_decompress=False,
             )
         return self._session
@@ -187,7 +189,7 @@ class RexClient:
                 f"cannot reach the rex server at {self.base_url}: {exc.os_error.strerror or exc}; "
                 "start it with `rexd serve`, or point --server / REX_SERVER at a running one"
             ) from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise RexClientError(
                 f"{method} {url} timed out: the server at {self.base_url} stopped answering; "
                 "check that it is healthy (GET /healthz) or raise the client timeout"
@@ -221,9 +223,10 @@ class RexClient:
     # -- health and CAS -------------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
-        """The server's ``/healthz`` document (status, version, uptime, store stats)."""
+        """The server's ``/healthz`` document: ``status`` is ``ok`` or ``unhealthy`` (then
+        ``checks`` says which check failed and why), plus version, uptime, store stats."""
         async with self._request("GET", "/healthz") as response:
-            if response.status != 200:
+            if response.status not in (200, 503) or response.content_type != "application/json":
                 await self._fail(response)
             return orjson.loads(await response.read())
 
@@ -278,7 +281,11 @@ class RexClient:
         function: DigestFunction = DigestFunction.BLAKE3,
         progress: Progress | None = None,
     ) -> Digest:
-        """Hash ``path`` (in a thread), then upload it unless the server already has it."""
+        """Hash ``path`` (in a thread), then upload it unless the server already has it.
+
+        Local trouble (no such file, no permission) raises OSError; a file that changes
+        while it is uploaded raises :class:`RexClientError` and nothing is stored.
+        """
         path = Path(path)
         digest = await asyncio.to_thread(_hash_file, path, function)
         if await self.contains(digest):
@@ -372,6 +379,10 @@ class RexClient:
             await response.read()
 
 
+class _FileChanged(RexClientError):
+    """A file's size changed between hashing it and sending it."""
+
+
 class _VerifyingSink:
     """Hashes (and writes to ``file``, or passes to ``keep``) a download in a thread, one
     batch behind the network, so verification costs no time after the last byte."""
@@ -408,7 +419,9 @@ class _VerifyingSink:
         if self._running is not None:
             await self._running
         batch, self._batch, self._batch_size = self._batch, [], 0
-        self._running = asyncio.ensure_future(asyncio.to_thread(self._consume, batch)) if batch else None
+        self._running = (
+            asyncio.ensure_future(asyncio.to_thread(self._consume, batch)) if batch else None
+        )
 
     def _consume(self, batch: list[bytes]) -> None:
         for chunk in batch:
@@ -418,8 +431,10 @@ class _VerifyingSink:
                 _write_all(self._fd, chunk)
 
     async def finish(self) -> str:
-        await self._hand_off()
-        await self._hand_off()  # waits for the last batch
+        await self._hand_off()  # the last, partial batch
+        running, self._running = self._running, None
+        if running is not None:
+            await running
         return self._hasher.hexdigest()
 
     async def settle(self) -> None:
@@ -439,11 +454,9 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _download_mismatch(digest: Digest, actual_hash: str, size: int, server: str) -> DigestMismatch:
-    cause = (
-        f"{size} bytes arrived" if size != digest.size else f"the bytes hash to {actual_hash}"
-    )
+    cause = f"{size} bytes arrived" if size != digest.size else f"the bytes hash to {actual_hash}"
     return DigestMismatch(
-        f"blob {digest} from {server} is corrupt: {cause}; nothing was written. "
+        f"blob {digest} from {server} is corrupt: {cause}; nothing was kept. "
         "The server's copy may be damaged: delete it there and upload it again"
     )
 
@@ -464,13 +477,19 @@ async def _read_file(path: Path, size: int, progress: Progress | None) -> AsyncI
     file = await asyncio.to_thread(path.open, "rb")
     try:
         done = 0
-        while chunk := await asyncio.to_thread(file.read, _CHUNK):
+        while chunk := await asyncio.to_thread(file.read, min(_CHUNK, size - done + 1)):
             done += len(chunk)
+            if done > size:
+                break
             yield chunk
             if progress is not None:
-                progress(min(done, size), size)
+                progress(done, size)
     finally:
         await asyncio.to_thread(file.close)
+    if done != size:  # the server would wait for bytes that never come, or get extra ones
+        raise _FileChanged(
+            f"{path} changed while it was uploaded ({size} bytes when hashed, {done} now); upload it again"
+        )
 
 
 async def _slices(data: bytes) -> AsyncIterator[memoryview]:

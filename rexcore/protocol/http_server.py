@@ -36,6 +36,7 @@ from rexcore.artifacts.store import (
 )
 from rexcore.config.types import ByteSize, HostPort, parse_host_port
 from rexcore.core.runtime import ServiceRuntime
+from rexcore.monitoring.health import run_health_checks
 from rexcore.plugins.descriptors import ComponentContext
 from rexcore.protocol.client import tune_malloc_for_streaming
 from rexcore.serialization.action_result import ActionResult
@@ -55,25 +56,29 @@ _OCTETS = "application/octet-stream"
 
 
 class NativeHttpError(Exception):
-    """The native HTTP server cannot start (bad ``listen`` address, port taken, ...)."""
+    """The native HTTP API is misused: a malformed ``listen`` address, no address yet."""
 
 
 @attrs.frozen
 class NativeHttpOptions:
-    """Options of the ``native`` protocol (``[[protocols]] name = "native"`` in rexd.toml)."""
+    """Options of the ``native`` protocol (``[protocols.native]`` in rexd.toml)."""
 
     #: Where to listen, ``host:port``; port 0 picks a free port (see ``addresses``).
-    listen: HostPort = HostPort("127.0.0.1:8981")
+    listen: HostPort = attrs.field(default=HostPort("127.0.0.1:8981"))
     #: The most digests one ``find-missing`` request may ask about; clients split larger sets.
-    max_find_missing: int = 100_000
+    max_find_missing: int = attrs.field(default=100_000, validator=attrs.validators.gt(0))
     #: The largest JSON request body (find-missing, action results); blobs are not limited.
-    max_json_body: ByteSize = ByteSize(32 << 20)
+    max_json_body: ByteSize = attrs.field(
+        default=ByteSize(32 << 20), validator=attrs.validators.gt(ByteSize(0))
+    )
     #: Bytes of a request body buffered per connection before reading from it pauses: a
     #: large buffer lets an upload reach the store in few, large writes.
-    read_buffer: ByteSize = ByteSize(4 << 20)
+    read_buffer: ByteSize = attrs.field(
+        default=ByteSize(4 << 20), validator=attrs.validators.gt(ByteSize(0))
+    )
     #: Seconds in-flight requests get to finish on stop before their connections are closed.
-    shutdown_timeout: float = 5.0
-    #: Log every request to the ``aiohttp.access`` logger (costs ~10% on small requests).
+    shutdown_timeout: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    #: Log every request to the ``aiohttp.access`` logger.
     access_log: bool = False
 
 
@@ -154,7 +159,7 @@ async def _json_errors(
     except StorageError as exc:  # the store's messages name the cause and the remedy
         _log.exception("native HTTP API: %s %s failed in storage", request.method, request.path)
         return _error_response(500, "storage_error", str(exc))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the last resort: a JSON 500, logged in full
         _log.exception("native HTTP API: %s %s failed", request.method, request.path)
         return _error_response(
             500,
@@ -204,7 +209,7 @@ class _InFlight:
     async def drain(self, timeout: float) -> None:
         """Refuse new requests; wait up to ``timeout`` seconds for the running ones."""
         self.stopping = True
-        with contextlib.suppress(asyncio.TimeoutError):
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
 
 
@@ -218,12 +223,16 @@ def _trusted_digest_maker() -> Callable[[DigestFunction, str, int], Digest] | No
     60% of a cold find-missing of 10k digests; filling the slots directly costs ~0.5 us.
     Returns None (use the constructor) if Digest's layout is not the one this relies on.
     """
-    names = [field.name for field in attrs.fields(Digest)]
+    names = ("function", "hash", "size")
+    layout = set(getattr(Digest, "__slots__", ())) - {"__weakref__"}
     slots = [Digest.__dict__.get(name) for name in names]
-    if names != ["function", "hash", "size"] or not all(
-        isinstance(slot, types.MemberDescriptorType) for slot in slots
+    if (
+        Digest.__mro__ != (Digest, object)
+        or layout != set(names)
+        or [field.name for field in attrs.fields(Digest)] != list(names)
+        or not all(isinstance(slot, types.MemberDescriptorType) for slot in slots)
     ):
-        return None
+        return None  # e.g. a cached-hash slot that __init__ would have to fill
     set_function, set_hash, set_size = (slot.__set__ for slot in slots)  # type: ignore[union-attr]
     new = object.__new__
 
@@ -234,6 +243,13 @@ def _trusted_digest_maker() -> Callable[[DigestFunction, str, int], Digest] | No
         set_size(digest, size)
         return digest
 
+    try:  # the same value, hash and text as the constructor gives, or not used at all
+        sample = DigestFunction.SHA256.empty
+        made = make(sample.function, sample.hash, sample.size)
+        if made != sample or hash(made) != hash(sample) or str(made) != str(sample):
+            return None
+    except (TypeError, ValueError, AttributeError):
+        return None
     return make
 
 
@@ -339,15 +355,18 @@ class _NativeApi:
     # -- health ---------------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        stats = self._store.stats()
+        """200 and ``"status": "ok"`` while every health check passes, else 503."""
+        report = await run_health_checks(getattr(self._runtime, "health_checks", ()))
         return _json_response(
             {
-                "status": "ok",
+                "status": "ok" if report.healthy else "unhealthy",
                 "version": __version__,
                 "uptime_s": round(time.time() - self._runtime.started_at, 3),
-                "blob_store": attrs.asdict(stats),
+                "blob_store": attrs.asdict(self._store.stats()),
                 "digest_functions": [f.value for f in self._runtime.digest_functions],
-            }
+                "checks": report.checks,
+            },
+            status=200 if report.healthy else 503,
         )
 
     # -- CAS ------------------------------------------------------------------------------
@@ -594,7 +613,9 @@ async def _copy_body(
         await write(chunk)
 
 
-def create_app(runtime: ServiceRuntime, options: NativeHttpOptions | None = None) -> web.Application:
+def create_app(
+    runtime: ServiceRuntime, options: NativeHttpOptions | None = None
+) -> web.Application:
     """The aiohttp application serving the native API over ``runtime``."""
     options = options or NativeHttpOptions()
     api = _NativeApi(runtime, options)
@@ -637,6 +658,7 @@ class NativeHttpProtocol:
         self._in_flight = _InFlight()
 
     async def start(self) -> None:
+        """Listen and serve; raises OSError when the address cannot be bound."""
         if self._runner is not None:
             return
         tune_malloc_for_streaming()
@@ -654,12 +676,9 @@ class NativeHttpProtocol:
         site = web.TCPSite(runner, self._host, self._port)
         try:
             await site.start()
-        except OSError as exc:
+        except OSError:  # its message names the address and the cause; rexd adds the remedy
             await runner.cleanup()
-            raise NativeHttpError(
-                f"native HTTP API cannot listen on {self.options.listen}: {exc.strerror or exc}; "
-                "stop the process using it or choose another host:port (port 0 picks a free one)"
-            ) from exc
+            raise
         self._runner = runner
         _log.info("native HTTP API listening on %s", ", ".join(self.addresses))
 
@@ -698,4 +717,3 @@ def create_native_protocol(
 ) -> NativeHttpProtocol:
     """The ``native`` protocol descriptor's factory."""
     return NativeHttpProtocol(options, context, runtime)
-
