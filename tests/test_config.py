@@ -139,7 +139,7 @@ def _option_names(cls: type, prefix: str = "") -> list[str]:
     names = []
     for field in attrs.fields(cls):
         nested = field.type if isinstance(field.type, type) and attrs.has(field.type) else None
-        if nested is not None and nested.__module__.startswith("rexcore.config"):
+        if nested is not None and nested.__module__.startswith(("rexcore.config", "rexcore.scheduler")):
             names.extend(_option_names(nested, f"{prefix}{field.name}."))
         else:
             names.append(f"{prefix}{field.name}")

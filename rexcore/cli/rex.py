@@ -4,9 +4,12 @@
 
     rex cas put FILE [--digest-function blake3|sha256]   # prints function/hash/size
     rex cas get DIGEST -o FILE
+    rex run [--input PATH]... [--output PATH]... [--timeout S] [--memory SIZE]
+            [--cpus N] [--property k=v]... [--env K=V]... [-v] -- ARGV...
 
 The server is ``--server URL``, else ``$REX_SERVER``, else ``http://127.0.0.1:8981``.
-Exit status: 0 on success, 1 when the operation failed, 2 on a usage error.
+Exit status: 0 on success, 1 when the operation failed, 2 on a usage error; ``rex run``
+exits with the action's own exit code.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from rexcore import __version__
 from rexcore.artifacts.digest import DigestFunction, InvalidDigestError, parse_digest
+from rexcore.config.types import parse_size
+from rexcore.core.remote_action import execute_remotely
 from rexcore.protocol.client import (
     Progress,
     RexClient,
@@ -27,6 +34,7 @@ from rexcore.protocol.client import (
     resolve_server,
     tune_malloc_for_streaming,
 )
+from rexcore.serialization.sandbox_spec import SandboxSpec
 
 __all__ = ["main"]
 
@@ -89,7 +97,80 @@ def _parser() -> argparse.ArgumentParser:
         help="hash function when DIGEST is hash/size (default: blake3)",
     )
     get.add_argument("--progress", action=argparse.BooleanOptionalAction, help=progress_help)
+
+    run = commands.add_parser(
+        "run", help="run a command remotely with inputs from, and outputs into, this directory",
+        description="Uploads the inputs the server lacks, runs ARGV on a worker, writes the "
+        "outputs back, relays stdout and stderr, and exits with the command's exit code. "
+        "An identical second run is answered from the action cache.",
+    )
+    run.add_argument("--input", "-i", action="append", default=[], metavar="PATH",
+                     help="file or directory (relative to the current directory) to send")
+    run.add_argument("--output", "-o", action="append", default=[], metavar="PATH",
+                     help="file or directory the command produces, to bring back")
+    run.add_argument("--timeout", type=float, metavar="S", help="seconds before the action is killed")
+    run.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 512MiB")
+    run.add_argument("--cpus", type=float, metavar="N", help="CPU limit")
+    run.add_argument("--property", action="append", default=[], metavar="K=V",
+                     help="platform property the worker must offer")
+    run.add_argument("--env", action="append", default=[], metavar="K=V",
+                     help="environment variable of the action (default: only PATH)")
+    run.add_argument("--no-cache", action="store_true", help="neither read nor write the action cache")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="say where the result came from and how long it took")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGV...",
+                     help="the command to run")
     return parser
+
+
+def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"{flag} {value!r} must look like KEY=VALUE")
+        pairs[key] = rest
+    return pairs
+
+
+async def _remote_run(client: RexClient, args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise _UsageError("rex run needs a command after --, e.g. rex run -- make all")
+    builder = SandboxSpec.builder()
+    try:
+        for path in args.input:
+            builder.input(path)
+        for path in args.output:
+            builder.output(path)
+        if args.timeout is not None:
+            builder.timeout(args.timeout)
+        if args.memory is not None:
+            builder.max_memory(parse_size(args.memory))
+        if args.cpus is not None:
+            builder.max_cpu(args.cpus)
+        spec = builder.build()
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    environment = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")}
+    environment |= _pairs(args.env, "--env")
+    started = time.monotonic()
+    result = await execute_remotely(
+        client, argv, workdir=Path.cwd(), spec=spec, environment=environment,
+        properties=_pairs(args.property, "--property"),
+        skip_cache_lookup=args.no_cache, do_not_cache=args.no_cache,
+    )
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr)
+    sys.stderr.flush()
+    if args.verbose:
+        source = "the action cache" if result.cached else f"a worker ({result.result.execution_metadata.worker or 'unknown'})"
+        print(f"rex: action {result.action_digest} answered by {source} in "
+              f"{time.monotonic() - started:.3f} s", file=sys.stderr)
+    if result.status != "ok":
+        raise RexClientError(f"the action did not complete ({result.status}): {result.message}")
+    return result.exit_code
 
 
 @contextlib.contextmanager
@@ -156,6 +237,8 @@ async def _cas_get(client: RexClient, args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     async with RexClient(resolve_server(args.server)) as client:
+        if args.command == "run":
+            return await _remote_run(client, args)
         if args.cas_command == "put":
             return await _cas_put(client, args)
         return await _cas_get(client, args)

@@ -43,6 +43,7 @@ __all__ = [
     "PluginSelection",
     "RegisteredComponent",
     "UnknownComponentError",
+    "build_plugin_manager",
     "select_plugins",
 ]
 
@@ -368,3 +369,15 @@ class PluginManager:
         for result in self._pm.hook.rexcore_health_checks(runtime=runtime):
             checks.extend(result or ())
         return checks
+
+
+def build_plugin_manager(config: PluginsConfig | None, *, strict: bool) -> PluginManager:
+    """Built-ins plus the installed plugins that ``config`` and the environment select.
+
+    ``strict`` (rexd, the Python API) raises on any plugin failure; otherwise failures are
+    recorded for ``rexd plugins list``.
+    """
+    manager = PluginManager()
+    manager.register_builtins()
+    manager.load_installed(select_plugins(config, discovery.installed_names()), strict=strict)
+    return manager

@@ -1,0 +1,268 @@
+"""Running one command remotely from a local directory: what ``rex run`` and
+``RemoteService.execute`` do.
+
+Inputs (files and directories under ``workdir``) become a Directory tree in the CAS, and
+only blobs the server lacks are uploaded; the Command and Action go up as canonical JSON;
+the action is executed (or answered from the action cache) and its outputs, stdout and
+stderr come back into ``workdir``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import attrs
+
+from rexcore.artifacts.digest import Digest, DigestFunction, digest_of
+from rexcore.protocol.client import RexClient, RexClientError
+from rexcore.serialization.action import (
+    Action,
+    Command,
+    Directory,
+    DirectoryNode,
+    FileNode,
+    SymlinkNode,
+    Tree,
+    canonical_bytes,
+    check_relative_path,
+    sorted_pairs,
+)
+from rexcore.serialization.action_result import ActionResult
+from rexcore.serialization.codec import decode
+from rexcore.serialization.operation import OperationView
+from rexcore.serialization.sandbox_spec import SandboxSpec
+
+__all__ = ["ExecutionResult", "RemoteActionError", "execute_remotely", "platform_for"]
+
+_UPLOAD_CONCURRENCY = 8
+
+
+class RemoteActionError(RexClientError):
+    """The action could not be run remotely (it did not get to an exit code)."""
+
+
+@attrs.frozen
+class ExecutionResult:
+    """What one remote execution gave back."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    cached: bool
+    action_digest: Digest
+    operation: str
+    result: ActionResult
+    #: ``ok``, or why the operation failed (``deadline_exceeded``, ``unavailable``, ...).
+    status: str = "ok"
+    message: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "ok" and self.exit_code == 0
+
+
+def platform_for(spec: SandboxSpec, properties: Mapping[str, str] | None = None
+                 ) -> tuple[tuple[str, str], ...]:
+    """Platform properties carrying the spec's limits next to the caller's properties."""
+    merged = dict(properties or {})
+    if spec.memory_bytes is not None:
+        merged["memory"] = str(spec.memory_bytes)
+    if spec.cpus is not None:
+        merged["cpus"] = f"{spec.cpus:g}"
+    if spec.pids is not None:
+        merged["pids"] = str(spec.pids)
+    if spec.network:
+        merged["network"] = "on"
+    return sorted_pairs(merged)
+
+
+class _TreeBuilder:
+    """Hashes input files once, builds Directory blobs bottom-up, remembers every blob."""
+
+    def __init__(self, workdir: Path, function: DigestFunction) -> None:
+        self.workdir = workdir
+        self.function = function
+        self.files: dict[Digest, Path] = {}
+        self.blobs: dict[Digest, bytes] = {}
+
+    def add_blob(self, data: bytes) -> Digest:
+        digest = digest_of(data, self.function)
+        self.blobs[digest] = data
+        return digest
+
+    def build(self, inputs: Sequence[str]) -> Digest:
+        nested: dict[str, object] = {}
+        for path in inputs:
+            check_relative_path(path, "input")
+            source = self.workdir / path
+            if not os.path.lexists(source):
+                raise RemoteActionError(f"input {path!r} does not exist under {self.workdir}")
+            node = nested
+            parts = path.split("/")
+            for part in parts[:-1]:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    raise RemoteActionError(f"input {path!r} lies inside the file input {part!r}")
+                node = child
+            node[parts[-1]] = source
+        return self._directory(nested)
+
+    def _directory(self, entries: Mapping[str, object]) -> Digest:
+        files, directories, symlinks = [], [], []
+        for name, value in sorted(entries.items()):
+            if isinstance(value, dict):
+                directories.append(DirectoryNode(name, self._directory(value)))
+                continue
+            assert isinstance(value, Path)
+            info = os.lstat(value)
+            if stat.S_ISLNK(info.st_mode):
+                symlinks.append(SymlinkNode(name, os.readlink(value)))
+            elif stat.S_ISDIR(info.st_mode):
+                directories.append(DirectoryNode(name, self._walk(value)))
+            elif stat.S_ISREG(info.st_mode):
+                files.append(self._file(name, value, info))
+            else:
+                raise RemoteActionError(f"input {value} is neither a file, a directory nor a symlink")
+        directory = Directory(tuple(files), tuple(directories), tuple(symlinks))
+        return self.add_blob(canonical_bytes(directory))
+
+    def _walk(self, path: Path) -> Digest:
+        return self._directory({entry.name: Path(entry.path) for entry in os.scandir(path)})
+
+    def _file(self, name: str, path: Path, info: os.stat_result) -> FileNode:
+        hasher = self.function.hasher(expected_size=info.st_size)
+        size = 0
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                hasher.update(chunk)
+                size += len(chunk)
+        digest = Digest(self.function, hasher.hexdigest(), size)
+        self.files[digest] = path
+        return FileNode(name, digest, bool(info.st_mode & 0o111))
+
+
+async def _upload_missing(client: RexClient, builder: _TreeBuilder) -> int:
+    wanted = [*builder.files, *builder.blobs]
+    missing = await client.find_missing(wanted)
+    limit = asyncio.Semaphore(_UPLOAD_CONCURRENCY)
+
+    async def upload(digest: Digest) -> None:
+        async with limit:
+            if digest in builder.blobs:
+                await client.put_blob(digest, builder.blobs[digest])
+            else:
+                uploaded = await client.upload_file(builder.files[digest], digest.function)
+                if uploaded != digest:
+                    raise RemoteActionError(
+                        f"input {builder.files[digest]} changed while it was being uploaded"
+                    )
+
+    await asyncio.gather(*(upload(d) for d in missing))
+    return len(missing)
+
+
+async def _materialize_tree(client: RexClient, tree_digest: Digest, target: Path) -> None:
+    tree = decode(await client.get_blob(tree_digest), Tree)
+    children = {digest_of(canonical_bytes(d), tree_digest.function): d for d in tree.children}
+
+    async def write(directory: Directory, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        for file in directory.files:
+            await client.download_file(file.digest, path / file.name)
+            if file.is_executable:
+                os.chmod(path / file.name, 0o755)
+        for link in directory.symlinks:
+            os.symlink(link.target, path / link.name)
+        for node in directory.directories:
+            if node.digest not in children:
+                raise RemoteActionError(f"output tree {tree_digest} lacks directory {node.digest}")
+            await write(children[node.digest], path / node.name)
+
+    await write(tree.root, target)
+
+
+def _clear(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+async def _fetch_outputs(client: RexClient, result: ActionResult, workdir: Path) -> None:
+    for file in result.output_files:
+        target = workdir / check_relative_path(file.path, "output")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _clear(target)
+        await client.download_file(file.digest, target)
+        if file.is_executable:
+            os.chmod(target, 0o755)
+    for link in result.output_symlinks:
+        target = workdir / check_relative_path(link.path, "output")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _clear(target)
+        os.symlink(link.target, target)
+    for directory in result.output_directories:
+        target = workdir / check_relative_path(directory.path, "output")
+        _clear(target)
+        await _materialize_tree(client, directory.tree_digest, target)
+
+
+async def execute_remotely(
+    client: RexClient,
+    argv: Sequence[str],
+    *,
+    workdir: Path,
+    spec: SandboxSpec,
+    environment: Mapping[str, str] | None = None,
+    properties: Mapping[str, str] | None = None,
+    function: DigestFunction = DigestFunction.BLAKE3,
+    skip_cache_lookup: bool = False,
+    do_not_cache: bool = False,
+    priority: int = 0,
+    fetch_outputs: bool = True,
+) -> ExecutionResult:
+    """Upload what is missing, execute ``argv`` remotely, bring outputs back into
+    ``workdir``. The exit code is the action's; failures to run raise or set ``status``."""
+    workdir = Path(workdir).resolve()
+    builder = _TreeBuilder(workdir, function)
+    input_root = await asyncio.to_thread(builder.build, spec.inputs)
+    command = Command(
+        arguments=tuple(argv),
+        environment=sorted_pairs(environment or {}),
+        output_paths=tuple(sorted(set(spec.outputs))),
+    )
+    command.validate()
+    command_digest = builder.add_blob(canonical_bytes(command))
+    action = Action(
+        command_digest=command_digest, input_root_digest=input_root,
+        timeout_s=spec.timeout_s, do_not_cache=do_not_cache,
+        platform=platform_for(spec, properties),
+    )
+    action_digest = builder.add_blob(canonical_bytes(action))
+    await _upload_missing(client, builder)
+    operation: OperationView = await client.execute(
+        action_digest, priority=priority, skip_cache_lookup=skip_cache_lookup
+    )
+    while not operation.done:
+        operation = await client.wait_operation(operation.name, wait_s=60.0)
+    result = operation.result
+    if result is None:
+        return ExecutionResult(
+            exit_code=-1, stdout=b"", stderr=b"", cached=operation.cached,
+            action_digest=action_digest, operation=operation.name, result=ActionResult(),
+            status=operation.status, message=operation.message,
+        )
+    stdout = await client.get_blob(result.stdout_digest) if result.stdout_digest else b""
+    stderr = await client.get_blob(result.stderr_digest) if result.stderr_digest else b""
+    if fetch_outputs:
+        await _fetch_outputs(client, result, workdir)
+    return ExecutionResult(
+        exit_code=result.exit_code, stdout=stdout, stderr=stderr, cached=operation.cached,
+        action_digest=action_digest, operation=operation.name, result=result,
+        status=operation.status, message=operation.message,
+    )
