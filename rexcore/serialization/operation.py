@@ -1,0 +1,93 @@
+"""Operations as the native API shows them: ``OperationView``, one action's execution.
+
+``POST /v1/execute`` answers one, ``GET /v1/operations/{id}`` long-polls one, and
+``POST /v1/operations/{id}/cancel`` cancels one. An operation's ``name`` is
+``operations/<32 hex digits>`` and its URL is ``/v1/`` followed by the name.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from rexcore.artifacts.digest import Digest
+from rexcore.serialization.action_result import ActionResult
+
+__all__ = [
+    "OPERATION_STATES",
+    "OPERATION_STATUSES",
+    "OperationView",
+    "SchedulerMetrics",
+    "SchedulerStatus",
+]
+
+#: The life of an operation: it only ever moves forward through these.
+OPERATION_STATES = ("queued", "executing", "completed")
+#: How a completed operation ended (``ok`` while it has not ended, or ended well: the
+#: action ran and ``result`` holds its exit code, which may be non-zero).
+OPERATION_STATUSES = (
+    "ok",
+    "cancelled",
+    "deadline_exceeded",
+    "resource_exhausted",
+    "unavailable",
+    "failed_precondition",
+    "invalid_argument",
+    "internal",
+)
+
+
+@attrs.frozen
+class OperationView:
+    """One operation as clients see it; ``done`` is ``state == "completed"``."""
+
+    name: str
+    action_digest: Digest
+    state: str
+    done: bool
+    #: One of :data:`OPERATION_STATUSES`; ``ok`` with a ``result`` means the action ran.
+    status: str = "ok"
+    #: Why the operation failed, for a person (empty when ``status`` is ``ok``).
+    message: str = ""
+    #: The result came from the action cache; no worker ran the action.
+    cached: bool = False
+    result: ActionResult | None = None
+    priority: int = 0
+    #: How many times a worker was given this operation (retries after a lost worker).
+    attempts: int = 0
+    #: The worker running (or that ran) the operation, if any.
+    worker: str = ""
+    #: Unix seconds.
+    queued_at: float = 0.0
+    started_at: float | None = None
+    completed_at: float | None = None
+
+
+@attrs.frozen
+class SchedulerMetrics:
+    """Counters since the coordinator started (not persisted across restarts)."""
+
+    #: Executions that ran on a worker and ended (with a result, an error, or lost).
+    total_executions: int = 0
+    #: ... of which ended with exit code 0.
+    successful_executions: int = 0
+    #: ... of which did not (non-zero exit, timeout, worker errors, retry cap).
+    failed_executions: int = 0
+    #: Submissions answered from the action cache, of ``cache_lookups``.
+    cache_hits: int = 0
+    cache_lookups: int = 0
+    #: ``cache_hits / cache_lookups`` (0 before the first lookup).
+    cache_hit_rate: float = 0.0
+    uptime_s: float = 0.0
+
+
+@attrs.frozen
+class SchedulerStatus:
+    """``GET /v1/status``: the pool and the queue right now, and counters since start."""
+
+    #: Workers holding a lease; busy ones are executing at least one action.
+    workers_total: int = 0
+    workers_busy: int = 0
+    #: Operations waiting for a worker, and operations running on one.
+    queued: int = 0
+    executing: int = 0
+    metrics: SchedulerMetrics = attrs.field(factory=SchedulerMetrics)
