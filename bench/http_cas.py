@@ -19,13 +19,9 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import textwrap
-import threading
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -41,94 +37,11 @@ from rexcore.artifacts.digest import Digest, DigestFunction, digest_of
 from rexcore.config.types import parse_size
 from rexcore.protocol.client import RexClient, tune_malloc_for_streaming
 
-_LISTENING = re.compile(r"rexd: native listening on (http://\S+)")
+from _rexd import start_rexd, stop_rexd  # noqa: E402  (bench/ is on sys.path when run)
+
 
 # The fallback when `rexd serve` does not start: the parts the tests build, announcing
 # itself with the line rexd prints. start_server() is the one place that knows either.
-_INLINE_SERVER = textwrap.dedent(
-    """
-    import asyncio, signal, sys
-    from pathlib import Path
-    from rexcore.artifacts.action_cache import create_action_cache
-    from rexcore.artifacts.disk import DiskBlobStore
-    from rexcore.core.runtime import ServiceRuntime
-    from rexcore.plugins.descriptors import ComponentContext
-    from rexcore.protocol.http_server import NativeHttpOptions, NativeHttpProtocol
-
-    async def main(data_dir: Path) -> None:
-        store = DiskBlobStore(data_dir / "cas")
-        runtime = ServiceRuntime(config=None, data_dir=data_dir, blob_store=store,
-                                 action_cache=create_action_cache(data_dir, store), plugins=None)
-        protocol = NativeHttpProtocol(NativeHttpOptions(listen="127.0.0.1:0"),
-                                      ComponentContext(data_dir=data_dir), runtime)
-        await protocol.start()
-        print(f"rexd: native listening on {protocol.url}", file=sys.stderr, flush=True)
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        await protocol.stop()
-        await store.close()
-
-    asyncio.run(main(Path(sys.argv[1])))
-    """
-)
-
-
-def start_server(data_dir: Path, launch: str) -> tuple[subprocess.Popen[str], str, str]:
-    """Start a server on a free port of 127.0.0.1: ``rexd serve``, else the inline one.
-
-    Returns the process, its URL and how it was started.
-    """
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    commands = {
-        "rexd": [
-            sys.executable,
-            "-m",
-            "rexcore.cli.rexd",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--http",
-            "127.0.0.1:0",
-        ],
-        "inline": [sys.executable, "-c", _INLINE_SERVER, str(data_dir)],
-    }
-    order = ["rexd", "inline"] if launch == "auto" else [launch]
-    failures: list[str] = []
-    for name in order:
-        process = subprocess.Popen(
-            commands[name],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        assert process.stderr is not None
-        seen: list[str] = []
-        for line in process.stderr:
-            seen.append(line)
-            if match := _LISTENING.search(line):
-                # Keep reading stderr so the server never blocks on a full pipe.
-                _drain_stderr(process)
-                return process, match.group(1), name
-        process.wait()
-        failures.append(f"{name}: exited {process.returncode}: {''.join(seen[-3:]).strip()}")
-    raise SystemExit("bench: could not start a server; " + "; ".join(failures))
-
-
-def _drain_stderr(process: subprocess.Popen[str]) -> None:
-    def drain() -> None:
-        assert process.stderr is not None
-        for _ in process.stderr:
-            pass
-
-    threading.Thread(target=drain, daemon=True).start()
-
-
 async def timed(action: Awaitable[Any]) -> tuple[float, Any]:
     """Seconds ``action`` took, and its result."""
     started = time.perf_counter()
@@ -213,13 +126,6 @@ def main() -> int:
     parser.add_argument("--server", help="URL of a running server (default: start one)")
     parser.add_argument("--size", default="64MiB", help="blob size (default 64MiB)")
     parser.add_argument("--runs", type=int, default=5, help="runs per figure (default 5)")
-    parser.add_argument(
-        "--launch",
-        choices=["auto", "rexd", "inline"],
-        default="auto",
-        help="how to start the server without --server (auto: rexd serve, "
-        "else the inline bootstrap)",
-    )
     args = parser.parse_args()
     size = parse_size(args.size)
     tune_malloc_for_streaming()  # as the rex CLI does
@@ -229,13 +135,13 @@ def main() -> int:
         launched = "external"
         url = args.server
         if url is None:
-            process, url, launched = start_server(work / "data", args.launch)
+            process, url = start_rexd(work / "data", "--workers", "0")
+            launched = "rexd serve"
         try:
             results = asyncio.run(bench(url, size, args.runs, work))
         finally:
             if process is not None:
-                process.terminate()
-                process.wait(timeout=30)
+                stop_rexd(process)
     print(
         json.dumps(
             {

@@ -9,8 +9,20 @@ from rexcore import hookimpl
 from rexcore.artifacts.disk import DiskStoreOptions, create_disk_store
 from rexcore.artifacts.memory import MemoryStoreOptions, create_memory_store
 from rexcore.monitoring.health import HealthCheck, disk_space_check
-from rexcore.plugins.descriptors import BlobStoreDescriptor, CliOption, ProtocolDescriptor
+from rexcore.plugins.descriptors import (
+    BlobStoreDescriptor,
+    CliOption,
+    ProtocolDescriptor,
+    ProviderDescriptor,
+    SandboxDescriptor,
+)
+from rexcore.providers.local import LocalProviderOptions, create_local_provider
 from rexcore.protocol.http_server import NativeHttpOptions, create_native_protocol
+from rexcore.sandbox.process import (
+    ProcessSandboxOptions,
+    create_process_sandbox,
+    probe_process_sandbox,
+)
 
 if TYPE_CHECKING:
     from rexcore.core.runtime import ServiceRuntime
@@ -43,5 +55,23 @@ def rexcore_blob_stores() -> Iterator[BlobStoreDescriptor]:
 
 
 @hookimpl
+def rexcore_sandboxes() -> Iterator[SandboxDescriptor]:
+    yield SandboxDescriptor(
+        name="process", factory=create_process_sandbox, options_type=ProcessSandboxOptions,
+        probe=probe_process_sandbox, preference=0,
+        description="plain child processes, every OS; NOT hermetic (process-tree kill, "
+                    "rlimits, unprivileged user when run as root)",
+    )
+
+
+@hookimpl
 def rexcore_health_checks(runtime: ServiceRuntime) -> Iterator[HealthCheck]:
     yield disk_space_check(runtime.data_dir)
+
+
+@hookimpl
+def rexcore_providers() -> Iterator[ProviderDescriptor]:
+    yield ProviderDescriptor(
+        name="local", factory=create_local_provider, options_type=LocalProviderOptions,
+        description="rexd worker processes on this host, sharing the coordinator's store",
+    )

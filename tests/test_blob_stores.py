@@ -300,3 +300,80 @@ async def test_full_disk_fails_the_write_cleanly_and_the_store_keeps_serving(
         assert await store.get(digest_of(small)) == small
     finally:
         await store.close()
+
+
+# -- several processes on one root; publishing files in place ---------------------------
+
+
+async def test_a_blob_published_by_another_store_on_the_same_root_is_visible(tmp_path: Path):
+    """A local worker publishes outputs straight into the coordinator's store: the
+    coordinator's index, loaded before, must see them (one stat on an index miss)."""
+    owner = await DiskBlobStore(tmp_path / "cas").open()
+    sharer = await DiskBlobStore(tmp_path / "cas", max_size=None).open()
+    try:
+        data = b"published by the worker"
+        digest = digest_of(data)
+        other = digest_of(b"published too")
+        never = digest_of(b"never published")
+        assert await owner.find_missing([digest, other, never]) == [digest, other, never]
+        await sharer.put(digest, data)
+        await sharer.put(other, b"published too")
+        assert await owner.contains(digest)
+        assert await owner.find_missing([digest, other, never]) == [never]
+        assert await owner.get(digest) == data
+        assert b"".join([chunk async for chunk in owner.read(digest, 10)]) == data[10:]
+        assert owner.local_path(other) is not None
+        assert owner.stats().blobs == sharer.stats().blobs
+        # A blob the owner evicts is gone for the other store from its first failed read.
+        await owner.delete(digest)
+        with pytest.raises(Exception, match="not in the store"):
+            await sharer.get(digest)
+        assert await sharer.find_missing([digest]) == [digest]
+    finally:
+        await owner.close()
+        await sharer.close()
+
+
+async def test_many_index_misses_are_checked_in_a_thread_and_adopted(tmp_path: Path):
+    owner = await DiskBlobStore(tmp_path / "cas").open()
+    sharer = await DiskBlobStore(tmp_path / "cas", max_size=None).open()
+    try:
+        blobs = [f"blob {i}".encode() for i in range(200)]
+        digests = [digest_of(b) for b in blobs]
+        for digest, data in zip(digests[::2], blobs[::2]):
+            await sharer.put(digest, data)
+        assert await owner.find_missing(digests) == digests[1::2]
+    finally:
+        await owner.close()
+        await sharer.close()
+
+
+async def test_link_file_publishes_a_hashed_file_without_copying_it(tmp_path: Path):
+    store = await DiskBlobStore(tmp_path / "cas").open()
+    try:
+        output = tmp_path / "output"
+        output.write_bytes(b"an action's output")
+        digest = digest_of(b"an action's output")
+        assert await store.link_file(digest, output)
+        path = store.local_path(digest)
+        assert path is not None and os.path.samefile(path, output)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o444
+        assert await store.get(digest) == b"an action's output"
+        again = tmp_path / "again"
+        again.write_bytes(b"an action's output")
+        assert not await store.link_file(digest, again)  # held already
+    finally:
+        await store.close()
+
+
+async def test_a_store_of_executables_publishes_blobs_with_mode_0555(tmp_path: Path):
+    store = await DiskBlobStore(tmp_path / "exe", file_mode=0o555).open()
+    try:
+        digest = digest_of(b"#!/bin/sh\necho hi\n")
+        await store.put(digest, b"#!/bin/sh\necho hi\n")
+        path = store.local_path(digest)
+        assert path is not None and stat.S_IMODE(os.stat(path).st_mode) == 0o555
+        empty = store.local_path(DigestFunction.BLAKE3.empty)
+        assert empty is not None and stat.S_IMODE(os.stat(empty).st_mode) == 0o555
+    finally:
+        await store.close()

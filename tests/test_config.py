@@ -139,7 +139,9 @@ def _option_names(cls: type, prefix: str = "") -> list[str]:
     names = []
     for field in attrs.fields(cls):
         nested = field.type if isinstance(field.type, type) and attrs.has(field.type) else None
-        if nested is not None and nested.__module__.startswith(("rexcore.config", "rexcore.scheduler")):
+        if nested is not None and nested.__module__.startswith(
+            ("rexcore.config", "rexcore.scheduler", "rexcore.pool")
+        ):
             names.extend(_option_names(nested, f"{prefix}{field.name}."))
         else:
             names.append(f"{prefix}{field.name}")
@@ -155,7 +157,7 @@ def test_every_option_is_documented_in_docs_configuration(plugin_manager):
         parts = name.split(".")
         if not any(f"`{'.'.join(parts[i:])}`" in doc for i in range(len(parts))):
             missing.append(name)
-    for kind in ("blob_store", "protocol"):
+    for kind in ("blob_store", "protocol", "provider", "sandbox"):
         for component, registered in plugin_manager.components(kind).items():
             for field in attrs.fields(registered.descriptor.options_type):
                 if f"`{field.name}`" not in doc:

@@ -21,7 +21,7 @@ LISTENING = re.compile(r"rexd: native listening on (http://\S+)")
 def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "rexcore.cli.rexd", "serve", "--data-dir", str(tmp_path / "data"),
-         "--http", "127.0.0.1:0", *args],
+         "--http", "127.0.0.1:0", "--workers", "0", *args],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         env=rexd_env(REXCORE_DISABLE_PLUGIN_AUTOLOAD="1"),
     )

@@ -12,7 +12,9 @@ open removes (its lock is gone with the crashed process).
 
 The index (sizes and recency) is in memory, rebuilt on open by scanning the root and
 ordering blobs by mtime; uses are written back as mtimes in batches, so the LRU order
-roughly survives a restart. File work runs in the store's own threads in batches of
+roughly survives a restart. A blob another process published on the same root (a local
+worker sharing the coordinator's store) is adopted into the index the first time it is
+asked for: a miss in the index costs one ``stat`` of the blob's file. File work runs in the store's own threads in batches of
 about 2 MiB, so hashing (hashlib and blake3 release the GIL on big buffers) and the
 event loop run side by side.
 """
@@ -26,7 +28,7 @@ import io
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,6 +58,8 @@ _READ_CHUNK = 1 << 20
 # Recency goes to disk (as mtimes) after this many uses or this many seconds.
 _RECENCY_BATCH = 1024
 _RECENCY_INTERVAL = 30.0
+# Index misses checked with a stat right on the event loop; more go to a thread.
+_INLINE_STATS = 64
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -80,7 +84,14 @@ def _blob_path(root: str, function: DigestFunction, hash_: str) -> str:
     return os.path.join(root, function.value, hash_[:2], hash_)
 
 
-def _ensure_empty_blobs(root: str, temp_dir: str) -> None:
+def _make_read_only(temp: TempFile, mode: int) -> None:
+    if mode == 0o444 or os.name != "posix":
+        temp.make_read_only()
+    else:
+        os.fchmod(temp.fd, mode)
+
+
+def _ensure_empty_blobs(root: str, temp_dir: str, mode: int) -> None:
     """Empty blobs exist as files too, so callers can hardlink them like any other."""
     for function in DigestFunction:
         path = _blob_path(root, function, function.empty.hash)
@@ -88,18 +99,18 @@ def _ensure_empty_blobs(root: str, temp_dir: str) -> None:
             continue
         temp = TempFile(temp_dir, function.empty.hash)
         try:
-            temp.make_read_only()
+            _make_read_only(temp, mode)
             link_new(temp.path, path)
         finally:
             temp.remove()
 
 
-def _scan(root: str) -> tuple[list[Digest], int]:
+def _scan(root: str, mode: int) -> tuple[list[Digest], int]:
     """Prepare the root; every blob in it, least recently used first, and the newest mtime."""
     temp_dir = os.path.join(root, "tmp")
     os.makedirs(temp_dir, exist_ok=True)
     remove_stale_temps(temp_dir)
-    _ensure_empty_blobs(root, temp_dir)
+    _ensure_empty_blobs(root, temp_dir, mode)
     found: list[tuple[int, Digest]] = []
     for function in DigestFunction:
         with os.scandir(os.path.join(root, function.value)) as shards:
@@ -123,6 +134,41 @@ def _scan(root: str) -> tuple[list[Digest], int]:
                         found.append((info.st_mtime_ns, digest))
     found.sort(key=lambda item: item[0])
     return [digest for _, digest in found], (found[-1][0] if found else 0)
+
+
+def _blob_file_present(path: str, size: int) -> bool:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == size
+
+
+def _blob_files_present(candidates: list[tuple[str, int]]) -> list[bool]:
+    return [_blob_file_present(path, size) for path, size in candidates]
+
+
+def _link_file(source: str, target: str, stamp: int, mode: int, fsync: bool) -> bool:
+    os.chmod(source, mode)
+    os.utime(source, ns=(stamp, stamp))
+    if fsync:
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    added = link_new(source, target)
+    if fsync and added:
+        fsync_directory(os.path.dirname(target))
+    return added
+
+
+def _prepare(root: str, mode: int) -> tuple[list[Digest], int]:
+    """What a store that does not own the root does on open: no scan, no cleaning."""
+    temp_dir = os.path.join(root, "tmp")
+    os.makedirs(temp_dir, exist_ok=True)
+    _ensure_empty_blobs(root, temp_dir, mode)
+    return [], 0
 
 
 def _set_mtimes(stamps: list[tuple[str, int]]) -> None:
@@ -216,7 +262,9 @@ class _DiskBlobWriter(VerifyingWriter):
         if dropping is not None:  # an eviction of this very blob is still deleting it
             await asyncio.wait([dropping])
         target = store._path(self.digest)
-        added = await self._call(_publish_temp, temp, target, store._stamp(), store._fsync)
+        added = await self._call(
+            _publish_temp, temp, target, store._stamp(), store._fsync, store._file_mode
+        )
         if not added:
             store._note_use(self.digest)
 
@@ -233,8 +281,8 @@ class _DiskBlobWriter(VerifyingWriter):
         await asyncio.wrap_future(self._store._executor.submit(discard))
 
 
-def _publish_temp(temp: TempFile, target: str, stamp: int, fsync: bool) -> bool:
-    temp.make_read_only()
+def _publish_temp(temp: TempFile, target: str, stamp: int, fsync: bool, mode: int) -> bool:
+    _make_read_only(temp, mode)
     # The stamp, not the clock, orders blobs on the next open: clocks tick coarsely.
     temp.set_mtime(stamp)
     if fsync:
@@ -255,10 +303,24 @@ class DiskBlobStore(IndexedBlobStore):
     keeps its own index and cap: let one of them own writes and eviction.
     """
 
-    def __init__(self, root: Path, *, max_size: int | None = 10 << 30, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_size: int | None = 10 << 30,
+        fsync: bool = False,
+        file_mode: int = 0o444,
+        scan: bool = True,
+    ) -> None:
         super().__init__(max_size, where=str(root))
         self.root = root
         self._root = str(root)
+        #: Mode of every blob file: read-only (0444), or 0555 for a store of executables.
+        self._file_mode = file_mode
+        #: Index every blob on open (and clean up stale temp files). A store opened on
+        #: another process's root (a local worker on the coordinator's) skips that: it
+        #: finds each blob on first use, with one stat.
+        self._scan_on_open = scan
         self._temp_dir = os.path.join(self._root, "tmp")
         self._fsync = fsync
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -319,7 +381,9 @@ class DiskBlobStore(IndexedBlobStore):
             if self._loaded:
                 return
             try:
-                found, newest = await self._run(_scan, self._root)
+                found, newest = await self._run(
+                    _scan if self._scan_on_open else _prepare, self._root, self._file_mode
+                )
             except OSError as exc:
                 raise StorageError(
                     f"cannot open the blob store at {self._root}: {exc}; check that the "
@@ -333,10 +397,87 @@ class DiskBlobStore(IndexedBlobStore):
                 await self._drop(victims)
 
     def _touch(self, digest: Digest) -> bool:
-        if not self._index.touch(digest):
+        if not self._index.touch(digest) and not self._adopt(digest, self._stat_blob(digest)):
             return False
         self._note_use(digest)
         return True
+
+    def _stat_blob(self, digest: Digest) -> bool:
+        """Whether a complete blob file for ``digest`` is on disk (another process may
+        have published it on this root since the index was loaded)."""
+        return _blob_file_present(self._path(digest), digest.size)
+
+    def _adopt(self, digest: Digest, present: bool) -> bool:
+        if not present or digest in self._dropping:  # an eviction of ours is deleting it
+            return False
+        self._index.add(digest)
+        return True
+
+    async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        await self._ready()
+        seen: set[Digest] = set()
+        unindexed: list[Digest] = []
+        for digest in digests:
+            if digest in seen or digest.is_empty:
+                continue
+            seen.add(digest)
+            if self._index.touch(digest):
+                self._note_use(digest)
+            else:
+                unindexed.append(digest)
+        if not unindexed:
+            return []
+        if len(unindexed) <= _INLINE_STATS:
+            present = [self._stat_blob(digest) for digest in unindexed]
+        else:
+            present = await self._run(
+                _blob_files_present, [(self._path(d), d.size) for d in unindexed]
+            )
+        missing = []
+        for digest, there in zip(unindexed, present):
+            if self._adopt(digest, there):
+                self._note_use(digest)
+            else:
+                missing.append(digest)
+        return missing
+
+    def refresh(self, digest: Digest) -> bool:
+        """Check the blob's file again; forget the blob if it is gone (another process on
+        this root evicted it). Whether the blob is present."""
+        if digest.is_empty:
+            return True
+        present = self._stat_blob(digest)
+        if not present:
+            self._index.discard(digest)
+        elif digest not in self._index:
+            self._adopt(digest, present)
+        return present
+
+    async def link_file(self, digest: Digest, path: Path) -> bool:
+        """Publish the file at ``path`` as blob ``digest`` by hardlinking it: no copy and
+        no second read. The caller vouches that its bytes hash to ``digest`` (it hashed
+        them itself) and that nothing else can write to the file; the file becomes
+        read-only (the store's mode) and keeps its other names. Raises OSError, with
+        ``errno.EXDEV`` when ``path`` is on another file system (then copy it in with
+        :meth:`open_write`). Returns whether the blob was new to the store."""
+        await self._ready()
+        if digest.is_empty or self._touch(digest):
+            return False
+        dropping = self._dropping.get(digest)
+        if dropping is not None:
+            await asyncio.wait([dropping])
+        await self._make_room(digest)
+        try:
+            added = await self._run(
+                _link_file, str(path), self._path(digest), self._stamp(), self._file_mode,
+                self._fsync,
+            )
+        finally:
+            self._index.release(digest)
+        self._index.add(digest)
+        if not added:
+            self._note_use(digest)
+        return added
 
     def _note_use(self, digest: Digest) -> None:
         recent = self._recent

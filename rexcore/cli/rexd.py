@@ -26,10 +26,9 @@ from rexcore.config.loader import (
     set_option,
 )
 from rexcore.config.model import PluginsConfig, RexConfig
-from rexcore.plugins import discovery
-from rexcore.plugins.manager import PluginError, PluginManager, select_plugins
+from rexcore.plugins.manager import PluginError, PluginManager, build_plugin_manager
 
-__all__ = ["build_plugin_manager", "main"]
+__all__ = ["main"]
 
 
 class _Fail(Exception):
@@ -64,6 +63,38 @@ def _top_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     _base_options(listing)
 
+    worker = commands.add_parser(
+        "worker", help="run a worker that executes actions for a coordinator",
+        description="Join a coordinator and run the actions it assigns until SIGTERM "
+                    "(which drains: running actions finish and are reported first).")
+    worker.add_argument("--coordinator", metavar="URL",
+                        help="the coordinator's native HTTP API (default: $REX_COORDINATOR)")
+    worker.add_argument("--token", help="the coordinator's join token (default: "
+                                        "$REX_JOIN_TOKEN; none needed on the same host)")
+    worker.add_argument("--slots", type=int, default=1, metavar="N",
+                        help="actions run at once (default: 1)")
+    worker.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
+                        dest="properties",
+                        help="a platform property actions may ask for (repeatable)")
+    worker.add_argument("--sandbox", default="auto", metavar="NAME",
+                        help="sandbox to run actions in; auto picks the best available "
+                             "(default: auto)")
+    worker.add_argument("--data-dir", metavar="DIR",
+                        help="exec roots and the worker's caches (default: "
+                             "$REX_DATA_DIR/worker, else ~/.local/share/rex/worker); one "
+                             "per worker")
+    worker.add_argument("--shared-store", metavar="DIR", type=Path,
+                        help="the coordinator's blob store directory (<its data dir>/cas) "
+                             "when on the same host: stage from it and publish into it")
+    worker.add_argument("--worker-id", metavar="ID",
+                        help="the name the coordinator knows this worker by (default: "
+                             "<host>-<pid>-<random>)")
+    worker.add_argument("--config", type=Path, metavar="FILE",
+                        help="rexd.toml whose [plugins] say which plugins to load and whose "
+                             "[sandboxes.NAME] tables give sandbox options")
+    worker.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        default="info", help="logging level (default: info)")
+
     config = commands.add_parser("config", help="inspect configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="COMMAND",
                                             required=True)
@@ -85,18 +116,16 @@ def _plugins_config(raw: dict[str, Any], source: str) -> PluginsConfig:
                             source=source)
 
 
-def build_plugin_manager(plugins_config: PluginsConfig | None, *, strict: bool) -> PluginManager:
-    """Built-ins plus the installed plugins the config and environment select."""
-    manager = PluginManager()
-    manager.register_builtins()
-    selection = select_plugins(plugins_config, discovery.installed_names())
-    manager.load_installed(selection, strict=strict)
-    return manager
-
-
 def _resolve(raw: dict[str, Any], plugins: PluginManager, source: str) -> ResolvedConfig:
     config = structure_config(raw, RexConfig, source=source)
     return resolve_config(config, plugins, source)
+
+
+_SERVE_POOL_FLAGS = {
+    "workers": "pool.target_workers",
+    "worker_slots": "pool.slots_per_worker",
+    "sandbox": "pool.sandbox",
+}
 
 
 def _serve(argv: Sequence[str], args: argparse.Namespace) -> int:
@@ -108,6 +137,15 @@ def _serve(argv: Sequence[str], args: argparse.Namespace) -> int:
     _base_options(parser)
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         help="logging level (default: logging.level in config, else info)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="local worker processes to run (default: CPU count; 0: none, "
+                             "remote workers join with `rexd worker`) [pool.target_workers]")
+    parser.add_argument("--worker-slots", type=int, metavar="N",
+                        help="actions each worker runs at once (default 1) "
+                             "[pool.slots_per_worker]")
+    parser.add_argument("--sandbox", metavar="NAME",
+                        help="sandbox the workers use (default auto: the best available) "
+                             "[pool.sandbox]")
     flags: dict[str, str] = {}
     for name, registered in sorted(plugins.components("protocol").items()):
         for option in registered.descriptor.cli_options:
@@ -122,6 +160,10 @@ def _serve(argv: Sequence[str], args: argparse.Namespace) -> int:
             set_option(raw, dotted, value)
     if full.log_level:
         set_option(raw, "logging.level", full.log_level)
+    for dest, dotted in _SERVE_POOL_FLAGS.items():
+        value = getattr(full, dest)
+        if value is not None:
+            set_option(raw, dotted, value)
     resolved = _resolve(raw, plugins, source)
     logging.basicConfig(
         level=resolved.config.logging.level.upper(), stream=sys.stderr,
@@ -170,6 +212,62 @@ def _plugins_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_properties(values: Sequence[str]) -> list[tuple[str, str]]:
+    properties = []
+    for value in values:
+        key, sep, setting = value.partition("=")
+        if not sep or not key:
+            raise _Fail(f"--property {value!r} is not KEY=VALUE", status=2)
+        properties.append((key, setting))
+    return properties
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import os
+
+    from rexcore.config.model import default_data_dir
+    from rexcore.plugins.descriptors import ComponentContext
+    from rexcore.protocol.client import RexClientError, resolve_server, tune_malloc_for_streaming
+    from rexcore.sandbox.interface import SandboxError
+    from rexcore.sandbox.select import create_sandbox, select_sandbox
+    from rexcore.worker.agent import WorkerAgent
+    from rexcore.worker.errors import WorkerError
+
+    coordinator = args.coordinator or os.environ.get("REX_COORDINATOR")
+    if not coordinator:
+        raise _Fail("no coordinator: pass --coordinator URL or set REX_COORDINATOR", status=2)
+    try:
+        url = resolve_server(coordinator)
+    except RexClientError as exc:
+        raise _Fail(str(exc).replace("--server or REX_SERVER", "--coordinator"), 2) from exc
+    if args.slots < 1:
+        raise _Fail(f"--slots must be at least 1, got {args.slots}", status=2)
+    properties = _parse_properties(args.properties)
+    token = args.token if args.token is not None else os.environ.get("REX_JOIN_TOKEN", "")
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir() / "worker"
+    source = str(args.config) if args.config else "config"
+    raw = read_config_file(args.config)
+    plugins = build_plugin_manager(_plugins_config(raw, source), strict=True)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_malloc_for_streaming()
+
+    async def serve() -> None:
+        chosen = select_sandbox(plugins, args.sandbox).descriptor.name
+        sandbox = create_sandbox(plugins, chosen, ComponentContext(data_dir=data_dir),
+                                 raw.get("sandboxes", {}).get(chosen))
+        agent = WorkerAgent(url, token=token, slots=args.slots, properties=properties,
+                            sandbox=sandbox, data_dir=data_dir,
+                            shared_store_root=args.shared_store, worker_id=args.worker_id)
+        await agent.run()
+
+    try:
+        asyncio.run(serve())
+    except (WorkerError, SandboxError) as exc:
+        raise _Fail(str(exc)) from exc
+    return 0
+
+
 def _drop_none(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _drop_none(v) for k, v in value.items() if v is not None}
@@ -202,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(argv[serve_at + 1:], args)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "worker":
+            return _worker(args)
         if args.command == "plugins":
             return _plugins_list(args)
         return _config_show(args)

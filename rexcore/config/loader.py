@@ -85,6 +85,8 @@ class ResolvedConfig:
     config: RexConfig
     blob_store: ResolvedComponent
     protocols: tuple[ResolvedComponent, ...]
+    #: The worker provider of the pool (``None`` when the pool starts no workers).
+    provider: ResolvedComponent | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -135,10 +137,15 @@ def resolve_config(config: RexConfig, plugins: PluginManager, source: str = "con
                                     problems)
             if resolved is not None:
                 protocols.append(resolved)
+    provider = None
+    if config.pool.initial_workers:
+        provider_ref = config.pool.provider
+        provider = _resolve_one(plugins, "provider", provider_ref.name, provider_ref.options,
+                                "$.pool.provider", problems)
     if problems:
         raise ConfigError(problems, source)
     assert blob_store is not None
-    return ResolvedConfig(config, blob_store, tuple(protocols))
+    return ResolvedConfig(config, blob_store, tuple(protocols), provider)
 
 
 def effective_config(resolved: ResolvedConfig) -> dict[str, Any]:
@@ -156,4 +163,9 @@ def effective_config(resolved: ResolvedConfig) -> dict[str, Any]:
         if table.get("enabled") is False:
             protocols[name] = {"enabled": False}
     data["protocols"] = protocols
+    if resolved.provider is not None:
+        data["pool"]["provider"] = {
+            "name": resolved.provider.name,
+            "options": unstructure_config(resolved.provider.options),
+        }
     return data

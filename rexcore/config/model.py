@@ -14,13 +14,18 @@ from typing import Any
 import attrs
 
 from rexcore.artifacts.digest import DigestFunction
+from rexcore.config.component import ComponentRef
+from rexcore.pool.config import PoolConfig
+from rexcore.scheduler.config import SchedulerConfig
 
 __all__ = [
     "ActionCacheConfig",
     "ComponentRef",
     "LoggingConfig",
+    "PoolConfig",
     "PluginsConfig",
     "RexConfig",
+    "SchedulerConfig",
     "StorageConfig",
     "default_data_dir",
 ]
@@ -30,14 +35,6 @@ def default_data_dir() -> Path:
     """``$REX_DATA_DIR``, else ``~/.local/share/rex``."""
     env = os.environ.get("REX_DATA_DIR")
     return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "rex"
-
-
-@attrs.frozen
-class ComponentRef:
-    """Which component to use and its options (checked against its ``options_type``)."""
-
-    name: str
-    options: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -101,6 +98,7 @@ class RexConfig:
 
     ``protocols`` maps a protocol name to its options table; a protocol not named there
     runs with its defaults, and ``enabled = false`` in its table switches it off.
+    ``sandboxes`` maps a sandbox name to its options, used by the workers.
     """
 
     data_dir: str = ""
@@ -108,6 +106,9 @@ class RexConfig:
     storage: StorageConfig = attrs.field(factory=StorageConfig)
     protocols: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
+    pool: PoolConfig = attrs.field(factory=PoolConfig)
+    sandboxes: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
     @property
     def data_path(self) -> Path:

@@ -19,6 +19,7 @@ from rexcore.config.loader import ResolvedConfig
 from rexcore.core.runtime import ServiceRuntime
 from rexcore.plugins.descriptors import ComponentContext
 from rexcore.plugins.manager import PluginManager
+from rexcore.scheduler.operations import SchedulerError
 
 __all__ = ["Daemon", "DaemonError"]
 
@@ -37,6 +38,7 @@ class Daemon:
         self.plugins = plugins
         self.runtime: ServiceRuntime | None = None
         self.protocols: dict[str, Any] = {}
+        self.pool: Any = None
         self._stopped = asyncio.Event()
 
     @property
@@ -81,6 +83,15 @@ class Daemon:
         )
         runtime.health_checks = self.plugins.health_checks(runtime)
         try:
+            if config.scheduler.enabled:
+                from rexcore.scheduler.scheduler import Scheduler
+
+                scheduler = Scheduler(runtime, config.scheduler)
+                try:
+                    await scheduler.start()
+                except SchedulerError as exc:
+                    raise DaemonError(str(exc)) from exc
+                runtime.scheduler = scheduler
             for protocol in self.resolved.protocols:
                 descriptor = protocol.registered.descriptor
                 server = descriptor.factory(protocol.options, context, runtime)
@@ -95,11 +106,39 @@ class Daemon:
                 for address in server.addresses:
                     print(f"rexd: {descriptor.name} listening on {_url(server, address)}",
                           file=sys.stderr, flush=True)
+            if self.resolved.provider is not None:
+                await self._start_pool(runtime)
         except BaseException:
             await self._stop_parts()
             raise
         self.plugins.service_started(runtime)
         return runtime
+
+    async def _start_pool(self, runtime: ServiceRuntime) -> None:
+        from rexcore.pool.pool import WorkerPool
+        from rexcore.providers.interface import WorkerLaunch
+
+        config = self.resolved.config
+        native = self.protocols.get("native")
+        if native is None or runtime.scheduler is None:
+            raise DaemonError(
+                "pool.target_workers asks for workers, but they need the scheduler and the "
+                "native protocol; enable both or set pool.target_workers = 0"
+            )
+        assert self.resolved.provider is not None
+        descriptor = self.resolved.provider.registered.descriptor
+        provider = await _maybe_await(
+            descriptor.factory(self.resolved.provider.options, self.context)
+        )
+        launch = WorkerLaunch(
+            coordinator_url=f"http://{native.addresses[0]}",
+            join_token=config.scheduler.join_token,
+            slots=config.pool.slots_per_worker,
+            properties=tuple(sorted(config.pool.properties.items())),
+            sandbox=config.pool.sandbox,
+        )
+        self.pool = WorkerPool(config.pool, provider, launch)
+        await self.pool.start()
 
     async def stop(self) -> None:
         if self.runtime is not None:
@@ -108,12 +147,26 @@ class Daemon:
         self._stopped.set()
 
     async def _stop_parts(self) -> None:
+        if self.pool is not None:  # drain first: workers report while protocols still serve
+            pool, self.pool = self.pool, None
+            try:
+                await pool.stop()
+            except Exception:
+                log.exception("the worker pool failed to stop cleanly")
+        scheduler = self.runtime.scheduler if self.runtime is not None else None
+        if scheduler is not None:
+            scheduler.stop_waiting()  # held long polls answer now, so protocols stop quickly
         for name, server in reversed(list(self.protocols.items())):
             try:
                 await server.stop()
             except Exception:
                 log.exception("protocol %s failed to stop cleanly", name)
         self.protocols.clear()
+        if scheduler is not None:
+            try:
+                await scheduler.stop()
+            except Exception:
+                log.exception("the scheduler failed to stop cleanly")
         if self.runtime is not None:
             with contextlib.suppress(Exception):
                 await self.runtime.action_cache.close()

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from rexcore.config.model import RexConfig
     from rexcore.monitoring.health import HealthCheck
     from rexcore.plugins.manager import PluginManager
+    from rexcore.scheduler.scheduler import Scheduler
 
 __all__ = ["ServiceRuntime"]
 
@@ -33,3 +34,5 @@ class ServiceRuntime:
     started_at: float = attrs.field(factory=time.time)
     #: Checks ``GET /healthz`` runs: built-in ones and those plugins offer.
     health_checks: list[HealthCheck] = attrs.field(factory=list)
+    #: The coordinator, when ``scheduler.enabled``; protocols serve execution through it.
+    scheduler: Scheduler | None = None

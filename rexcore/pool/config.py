@@ -6,7 +6,7 @@ import os
 
 import attrs
 
-from rexcore.config.model import ComponentRef
+from rexcore.config.component import ComponentRef
 
 __all__ = ["PoolConfig"]
 

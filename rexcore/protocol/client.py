@@ -30,13 +30,19 @@ from yarl import URL
 from rexcore.artifacts.digest import Digest, DigestFunction, parse_digest
 from rexcore.serialization.action_result import ActionResult
 from rexcore.serialization.codec import WireFormatError, decode, encode
+from rexcore.serialization.operation import OperationView, SchedulerStatus
+from rexcore.serialization.worker_protocol import SyncRequest, SyncResponse
 
 __all__ = [
     "DEFAULT_SERVER",
     "BlobNotFound",
     "DigestMismatch",
+    "InvalidAction",
     "MissingBlobs",
+    "NotAuthorized",
+    "OperationNotFound",
     "Progress",
+    "ResourceExhausted",
     "RexClient",
     "RexClientError",
     "ServerUnavailable",
@@ -88,10 +94,31 @@ class StoreFull(RexClientError):
     """The server has no room for the blob."""
 
 
+class ResourceExhausted(RexClientError):
+    """The server is at a limit (its queue is full); retry later."""
+
+
+class OperationNotFound(RexClientError):
+    """The server knows no operation of that name (never, or no longer)."""
+
+
+class InvalidAction(RexClientError):
+    """The action or its command breaks the rules (a ``..`` output path...)."""
+
+
+class NotAuthorized(RexClientError):
+    """The server refused a worker: wrong or missing join token, or not on loopback."""
+
+
 _ERRORS_BY_CODE: dict[str, type[RexClientError]] = {
     "blob_not_found": BlobNotFound,
     "digest_mismatch": DigestMismatch,
     "store_full": StoreFull,
+    "resource_exhausted": ResourceExhausted,
+    "operation_not_found": OperationNotFound,
+    "invalid_argument": InvalidAction,
+    "unauthenticated": NotAuthorized,
+    "permission_denied": NotAuthorized,
 }
 
 
@@ -214,7 +241,7 @@ class RexClient:
                 + f"; is {self.base_url} a rex server?",
                 status=response.status,
             ) from None
-        if code == "missing_blobs":
+        if code in ("missing_blobs", "failed_precondition") and "missing" in error:
             missing = [parse_digest(text) for text in error.get("missing", [])]
             raise MissingBlobs(message, missing, status=response.status, code=code)
         cls = _ERRORS_BY_CODE.get(code, RexClientError)
@@ -377,6 +404,89 @@ class RexClient:
             if response.status != 200:
                 await self._fail(response)
             await response.read()
+
+    # -- execution ------------------------------------------------------------------------
+
+    async def _call(
+        self, method: str, path: str, answer: type[Any], body: bytes | None = None,
+        long_poll_s: float = 0.0,
+    ) -> Any:
+        kwargs: dict[str, Any] = {}
+        if body is not None:
+            kwargs.update(data=body, headers={"Content-Type": "application/json"})
+        if long_poll_s > 0:  # the server may stay silent that long on purpose
+            read = max(self._timeout.sock_read or 0.0, long_poll_s + 30.0)
+            kwargs["timeout"] = aiohttp.ClientTimeout(
+                total=None, connect=self._timeout.connect,
+                sock_connect=self._timeout.sock_connect, sock_read=read,
+            )
+        async with self._request(method, path, **kwargs) as response:
+            if response.status != 200:
+                await self._fail(response)
+            data = await response.read()
+        try:
+            return decode(data, answer)
+        except WireFormatError as exc:
+            raise RexClientError(
+                f"{method} {path}: the server at {self.base_url} sent an unreadable "
+                f"{answer.__name__}: {exc}; are client and server the same rex version?"
+            ) from exc
+
+    async def execute(
+        self, action_digest: Digest, *, priority: int = 0, skip_cache_lookup: bool = False
+    ) -> OperationView:
+        """Submit an action (its Action, Command and input blobs must be uploaded); the
+        operation comes back at once: done already on a cache hit, else queued.
+
+        Raises :class:`MissingBlobs` (code ``failed_precondition``) listing what to upload,
+        :class:`InvalidAction`, or :class:`ResourceExhausted` when the queue is full.
+        """
+        body = orjson.dumps({
+            "action_digest": str(action_digest),
+            "priority": priority,
+            "skip_cache_lookup": skip_cache_lookup,
+        })
+        return await self._call("POST", "/v1/execute", OperationView, body)
+
+    async def wait_operation(self, name: str, wait_s: float = 0.0) -> OperationView:
+        """The operation ``name`` once it is done, or its state after ``wait_s`` seconds
+        (0: at once). Long waits are made of several long polls the server bounds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait_s, 0.0)
+        while True:
+            remaining = max(deadline - loop.time(), 0.0)
+            path = f"/v1/{_operation_path(name)}?wait_s={remaining:.3f}"
+            view: OperationView = await self._call("GET", path, OperationView,
+                                                   long_poll_s=remaining)
+            if view.done or remaining <= 0 or loop.time() >= deadline:
+                return view
+
+    async def cancel_operation(self, name: str) -> OperationView:
+        """Cancel ``name``: a queued operation ends at once, a running one is stopped on
+        its worker. Cancelling a finished operation changes nothing."""
+        return await self._call("POST", f"/v1/{_operation_path(name)}/cancel", OperationView,
+                                b"{}")
+
+    async def synchronize(self, request: SyncRequest) -> SyncResponse:
+        """The worker protocol's one call: report, renew leases, get work (the server may
+        hold the call up to ``request.wait_s`` seconds). Raises :class:`NotAuthorized`
+        when the coordinator refuses this worker."""
+        return await self._call("POST", "/v1/workers/synchronize", SyncResponse,
+                                encode(request), long_poll_s=request.wait_s)
+
+    async def status(self) -> SchedulerStatus:
+        """Workers total/busy, queued and executing operations, execution counters."""
+        return await self._call("GET", "/v1/status", SchedulerStatus)
+
+
+def _operation_path(name: str) -> str:
+    prefix, _, rest = name.partition("/")
+    if prefix != "operations" or not rest or "/" in rest or not rest.isalnum():
+        raise OperationNotFound(
+            f"{name!r} is not an operation name; names look like operations/<hex> "
+            "as returned by execute()", code="operation_not_found"
+        )
+    return name
 
 
 class _FileChanged(RexClientError):

@@ -7,6 +7,9 @@ Routes (every error is JSON ``{"error": {"code": ..., "message": ...}}``):
   or upload one blob; uploads are verified against the address before they are stored.
 - ``POST /v1/cas/find-missing``: ``{"digests": [...]}`` in, ``{"missing": [...]}`` out.
 - ``GET|PUT /v1/ac/{function}/{hash}/{size}``: an action's cached ``ActionResult``.
+- with the scheduler enabled, execution: ``POST /v1/execute``, ``GET /v1/operations/{id}``,
+  ``POST /v1/operations/{id}/cancel``, ``POST /v1/workers/synchronize``, ``GET /v1/status``
+  (:mod:`rexcore.scheduler.http`).
 """
 
 from __future__ import annotations
@@ -106,7 +109,9 @@ def _json_response(data: Any, status: int = 200) -> web.Response:
 
 _API_SHAPE = (
     "the native API serves GET /healthz, GET|HEAD|PUT /v1/cas/{function}/{hash}/{size}, "
-    "POST /v1/cas/find-missing and GET|PUT /v1/ac/{function}/{hash}/{size}"
+    "POST /v1/cas/find-missing, GET|PUT /v1/ac/{function}/{hash}/{size}, and with the "
+    "scheduler POST /v1/execute, GET /v1/operations/{id}, POST /v1/operations/{id}/cancel, "
+    "POST /v1/workers/synchronize and GET /v1/status"
 )
 _HTTP_CODES = {
     404: "not_found",
@@ -633,6 +638,11 @@ def create_app(
     app.router.add_put(blob, api.put_blob)
     app.router.add_get(action, api.get_action_result, allow_head=False)
     app.router.add_put(action, api.put_action_result)
+    scheduler = getattr(runtime, "scheduler", None)
+    if scheduler is not None:
+        from rexcore.scheduler.http import add_scheduler_routes  # it imports this module
+
+        add_scheduler_routes(app, scheduler)
     return app
 
 

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import attrs
 
@@ -70,6 +71,22 @@ class LocalProvider:
         self._workers: dict[str, _LocalWorker] = {}
         self._ids = itertools.count(1)
         self._prefix = f"local-{os.getpid()}"
+        self.worker_config = self._write_worker_config(context)
+
+    def _write_worker_config(self, context: ComponentContext) -> Path | None:
+        """The coordinator's plugin selection and sandbox options, for its workers."""
+        if context.config is None:
+            return None
+        import tomli_w
+
+        from rexcore.config.converter import unstructure_config
+
+        path = context.data_dir / "workers" / "worker.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = {"plugins": unstructure_config(context.config.plugins),
+                 "sandboxes": context.config.sandboxes}
+        path.write_text(tomli_w.dumps(table))
+        return path
 
     async def create_workers(self, count: int, launch: WorkerLaunch) -> Sequence[ProvidedWorker]:
         created = []
@@ -94,6 +111,8 @@ class LocalProvider:
         ]
         for key, value in launch.properties:
             command += ["--property", f"{key}={value}"]
+        if self.worker_config is not None:
+            command += ["--config", str(self.worker_config)]
         return command
 
     async def _spawn(self, worker: _LocalWorker) -> None:

@@ -5,6 +5,22 @@ the coordinator answers with work (or nothing, after holding the call up to
 ``wait_s`` seconds when the worker has a free slot), operations to cancel, and whether to
 drain. Each call renews the worker's lease; a worker that stops calling for
 ``lease_s`` loses its operations, which are requeued (bounded retries).
+
+Rules a worker follows: every call lists each operation it was given and still runs
+(``executing``) and each it finished and has not yet reported in an answered call
+(``completed``). An operation given in the answer to one call that neither list names in
+the call after next is taken as lost (the worker restarted, or never got the answer) and
+requeued; one the worker lists that the coordinator no longer gives it (cancelled, timed
+out, finished elsewhere) comes back in ``cancel``. A completion the coordinator already
+has is ignored, so re-sending one after a failed call is safe.
+
+The coordinator holds a call (up to ``wait_s``) only while the worker has a free slot and
+there is nothing to tell it; new work or a cancel answers it at once. To report a
+completion while a call is held, make a new call: it replaces the held one, which is
+answered at once, empty (or, if it was answered just before, with work the worker should
+then run and list as usual). A busy worker (no free slot) is answered at once, so it calls
+again well within ``lease_s`` to keep its lease (a third of it is a good pace).
+``worker_id`` must be unique and stable across the worker's restarts.
 """
 
 from __future__ import annotations
@@ -27,6 +43,9 @@ class Completion:
     error: str = ""
     #: The action itself broke the rules (bad output path...): fail without retrying.
     error_is_permanent: bool = False
+    #: The action ran past its timeout and was killed; ``result`` holds what it left
+    #: (exit code, stdout/stderr). The operation ends ``deadline_exceeded``, never cached.
+    timed_out: bool = False
 
 
 @attrs.frozen

@@ -53,8 +53,11 @@ async def start_rexd(
     plugins: PluginManager, data_dir: Path, config: dict[str, Any] | None = None
 ) -> RunningRexd:
     """Start a rexd in this event loop; every protocol with a ``listen`` option gets a free
-    port unless ``config`` sets one. Stop it with ``await running.daemon.stop()``."""
+    port unless ``config`` sets one, and no local worker starts unless
+    ``pool.target_workers`` is set. Stop it with ``await running.daemon.stop()``."""
     raw: dict[str, Any] = {"data_dir": str(data_dir), **(config or {})}
+    if "target_workers" not in raw.get("pool", {}):  # workers only when a test asks for them
+        set_option(raw, "pool.target_workers", 0)
     for name, registered in plugins.components("protocol").items():
         if "listen" in attrs.fields_dict(registered.descriptor.options_type):
             if "listen" not in raw.get("protocols", {}).get(name, {}):

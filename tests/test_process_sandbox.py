@@ -1,0 +1,321 @@
+"""The built-in ``process`` sandbox, against real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from rexcore import hookimpl
+from rexcore.plugins.descriptors import ComponentContext, ProbeResult, SandboxDescriptor
+from rexcore.sandbox.interface import Sandbox, SandboxRequest
+from rexcore.sandbox.process import ProcessSandbox, ProcessSandboxOptions
+from rexcore.sandbox.select import SandboxUnavailableError, create_sandbox, select_sandbox
+from rexcore.serialization.sandbox_spec import SandboxSpec
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="these actions are POSIX shell")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="process-tree walking is Linux only")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it is dead)."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open(f"/proc/{pid}/stat") as file:
+                state = file.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def gone(pid: int, patience_s: float = 10.0) -> bool:
+    """Dead, or dying: SIGKILL is delivered asynchronously, so allow it a moment."""
+    deadline = time.monotonic() + patience_s
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture(params=["auto", "off"], ids=["helper", "fork"])
+def sandbox(request) -> ProcessSandbox:
+    """Both ways of starting an action: the rex-spawn helper, and forking the worker."""
+    sandbox = ProcessSandbox(ProcessSandboxOptions(
+        # In-process: the test runner must not become a subreaper that kills its
+        # children; as the runner's own user, so the tests may run this very Python.
+        kill_grace_s=0.5, adopt_orphans=False, user="self", spawn_helper=request.param))
+    if request.param == "auto" and sandbox._helper is None:
+        pytest.skip("no C compiler to build the rex-spawn helper")
+    return sandbox
+
+
+@pytest.fixture
+def exec_root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    root.mkdir()
+    return root
+
+
+def request(exec_root: Path, *argv: str, env: dict[str, str] | None = None,
+            workdir: str = "", **limits) -> SandboxRequest:
+    return SandboxRequest(
+        exec_root=exec_root, arguments=argv, environment=tuple(sorted((env or {}).items())),
+        working_directory=workdir, spec=SandboxSpec(**limits),
+        stdout_path=exec_root.parent / "stdout", stderr_path=exec_root.parent / "stderr",
+    )
+
+
+def out(exec_root: Path, name: str = "stdout") -> bytes:
+    return (exec_root.parent / name).read_bytes()
+
+
+async def test_the_environment_is_exactly_the_one_given(sandbox, exec_root):
+    result = await sandbox.run(request(exec_root, "/usr/bin/env",
+                                       env={"B": "two words", "A": "1"}))
+    assert result.exit_code == 0
+    assert out(exec_root) == b"A=1\nB=two words\n"
+
+
+async def test_an_empty_environment_inherits_nothing(sandbox, exec_root, monkeypatch):
+    monkeypatch.setenv("REX_SECRET_OF_THE_WORKER", "x")
+    result = await sandbox.run(request(exec_root, "/usr/bin/env"))
+    assert result.exit_code == 0
+    assert out(exec_root) == b""
+
+
+async def test_runs_in_the_working_directory_with_relative_commands(sandbox, exec_root):
+    (exec_root / "pkg").mkdir()
+    tool = exec_root / "pkg" / "tool.sh"
+    tool.write_text("#!/bin/sh\npwd\n")
+    tool.chmod(0o755)
+    result = await sandbox.run(request(exec_root, "./tool.sh", workdir="pkg"))
+    assert result.exit_code == 0
+    assert out(exec_root).decode().strip() == str((exec_root / "pkg").resolve())
+
+
+async def test_stdin_is_dev_null_so_cat_returns_at_once(sandbox, exec_root):
+    result = await sandbox.run(request(exec_root, "/bin/cat", timeout_s=60))
+    assert not result.timed_out
+    assert result.exit_code == 0
+    assert out(exec_root) == b""
+
+
+async def test_stdout_and_stderr_are_captured_including_megabytes(sandbox, exec_root):
+    script = "head -c 5000000 /dev/zero; echo oops >&2; head -c 3000000 /dev/zero >&2"
+    result = await sandbox.run(request(exec_root, "/bin/sh", "-c", script))
+    assert result.exit_code == 0
+    assert out(exec_root) == b"\0" * 5_000_000
+    assert out(exec_root, "stderr") == b"oops\n" + b"\0" * 3_000_000
+
+
+@pytest.mark.parametrize(("script", "code"), [
+    ("exit 0", 0), ("exit 3", 3), ("exit 255", 255),
+    ("kill -TERM $$", 143), ("kill -KILL $$", 137), ("kill -SEGV $$", 139),
+])
+async def test_exit_codes_and_signals_follow_the_shell_convention(sandbox, exec_root, script,
+                                                                   code):
+    result = await sandbox.run(request(exec_root, "/bin/sh", "-c", script))
+    assert result.exit_code == code
+    assert not result.timed_out
+
+
+async def test_a_missing_command_is_exit_127_with_a_message_on_stderr(sandbox, exec_root):
+    result = await sandbox.run(request(exec_root, "no-such-command-anywhere"))
+    assert result.exit_code == 127
+    assert b"no-such-command-anywhere" in out(exec_root, "stderr")
+
+
+async def test_cpu_time_and_peak_memory_are_reported(sandbox, exec_root):
+    hog = "x = bytearray(64 << 20); sum(range(2_000_000))"
+    result = await sandbox.run(request(exec_root, sys.executable, "-c", hog))
+    assert result.exit_code == 0
+    assert result.cpu_s is not None and result.cpu_s > 0
+    assert result.peak_memory_bytes is not None and result.peak_memory_bytes >= 64 << 20
+
+
+async def test_peak_memory_through_the_helper_is_the_actions_not_the_workers(exec_root):
+    sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=False, user="self"))
+    if sandbox._helper is None:
+        pytest.skip("no C compiler to build the rex-spawn helper")
+    ballast = bytearray(300 << 20)  # the worker grows; a forked child would be charged
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    result = await sandbox.run(request(exec_root, "/bin/true"))
+    assert result.exit_code == 0
+    assert result.peak_memory_bytes is not None and result.peak_memory_bytes < 100 << 20
+
+
+def _daemonizing_script(pid_file: Path, then: str) -> str:
+    # setsid + double fork: the daemon ends up in a session of its own, its parent gone.
+    return (f"setsid sh -c 'sleep 300 & echo $! > {pid_file}' & "
+            f"while [ ! -s {pid_file} ]; do sleep 0.01; done; {then}")
+
+
+@linux_only
+async def test_timeout_kills_the_tree_including_a_daemonized_grandchild(sandbox, exec_root):
+    pid_file = exec_root.parent / "daemon.pid"
+    script = _daemonizing_script(pid_file, "sleep 300 & sleep 300")
+    result = await sandbox.run(request(exec_root, "/bin/sh", "-c", script, timeout_s=1))
+    assert result.timed_out
+    assert result.exit_code in (143, 137)
+    daemon = int(pid_file.read_text())
+    assert gone(daemon)
+
+
+async def test_a_child_ignoring_sigterm_is_killed_after_the_grace(sandbox, exec_root):
+    pid_file = exec_root.parent / "stubborn.pid"
+    script = f"trap '' TERM; sh -c 'trap \"\" TERM; echo $$ > {pid_file}; sleep 300' & wait"
+    result = await sandbox.run(request(exec_root, "/bin/sh", "-c", script, timeout_s=1))
+    assert result.timed_out
+    assert result.exit_code == 137  # it ignored SIGTERM, so SIGKILL ended it
+    assert gone(int(pid_file.read_text()))
+
+
+async def test_cancellation_kills_the_tree(sandbox, exec_root):
+    pid_file = exec_root.parent / "daemon.pid"
+    script = _daemonizing_script(pid_file, "sleep 300")
+    task = asyncio.ensure_future(sandbox.run(request(exec_root, "/bin/sh", "-c", script)))
+    while not (pid_file.exists() and pid_file.read_text().strip()):
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await sandbox.wait_cleanups()
+    if sys.platform.startswith("linux"):  # elsewhere a new session escapes (documented)
+        assert gone(int(pid_file.read_text()))
+
+
+async def test_background_children_die_when_the_command_exits(sandbox, exec_root):
+    pid_file = exec_root.parent / "bg.pid"
+    result = await sandbox.run(request(exec_root, "/bin/sh", "-c",
+                                       f"sleep 300 & echo $! > {pid_file}"))
+    assert result.exit_code == 0
+    assert gone(int(pid_file.read_text()))
+
+
+async def test_memory_limit_makes_a_hog_fail(sandbox, exec_root):
+    hog = "x = bytearray(1 << 30)"
+    limited = await sandbox.run(request(exec_root, sys.executable, "-c", hog,
+                                        memory_bytes=256 << 20))
+    assert limited.exit_code != 0
+    assert b"MemoryError" in out(exec_root, "stderr")
+    unlimited = await sandbox.run(request(exec_root, sys.executable, "-c", "x = bytearray(1 << 20)",
+                                          memory_bytes=256 << 20))
+    assert unlimited.exit_code == 0
+
+
+async def test_no_core_dumps(sandbox, exec_root):
+    result = await sandbox.run(request(exec_root, "/bin/sh", "-c", "ulimit -c"))
+    assert out(exec_root).strip() == b"0"
+    assert result.exit_code == 0
+
+
+async def test_temp_dirs_of_the_spec_are_created(sandbox, exec_root):
+    result = await sandbox.run(request(exec_root, "/bin/sh", "-c", "test -d tmp/a",
+                                       temp_dirs=("tmp/a",)))
+    assert result.exit_code == 0
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="needs root")
+@pytest.mark.parametrize("spawn_helper", ["auto", "off"])
+async def test_as_root_actions_run_unprivileged_and_cannot_write_read_only_files(
+    exec_root, spawn_helper
+):
+    sandbox = ProcessSandbox(ProcessSandboxOptions(user="auto", adopt_orphans=False,
+                                                   spawn_helper=spawn_helper))
+    (exec_root / "sub").mkdir()
+    locked = exec_root / "sub" / "input"
+    locked.write_text("original")
+    locked.chmod(0o444)
+    script = "id -u; echo changed > sub/input; chmod u+w sub/input; echo made > sub/new"
+    result = await sandbox.run(request(exec_root, "/bin/sh", "-c", script))
+    assert out(exec_root).split()[0] != b"0"
+    assert locked.read_text() == "original"
+    assert (exec_root / "sub" / "new").read_text() == "made\n"  # directories are its own
+    assert result.exit_code == 0
+    assert b"Operation not permitted" in out(exec_root, "stderr")  # the chmod
+
+
+@linux_only
+def test_the_worker_kills_daemons_left_behind_by_a_finished_action(tmp_path):
+    """With ``adopt_orphans`` the worker process is a subreaper: a daemon whose action
+    exited on its own is re-parented to the worker and killed. Run in a process of its
+    own, as ``rexd worker`` would."""
+    script = textwrap.dedent(f"""
+        import asyncio, os, sys
+        from pathlib import Path
+        from rexcore.sandbox.interface import SandboxRequest
+        from rexcore.sandbox.process import ProcessSandbox, ProcessSandboxOptions
+        from rexcore.serialization.sandbox_spec import SandboxSpec
+
+        async def main():
+            root = Path({str(tmp_path)!r})
+            sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=True, user="self"))
+            pid_file = root / "daemon.pid"
+            command = ("setsid sh -c 'sleep 300 & echo $! > " + str(pid_file) + "' & "
+                       "while [ ! -s " + str(pid_file) + " ]; do sleep 0.01; done")
+            result = await sandbox.run(SandboxRequest(
+                exec_root=root, arguments=("/bin/sh", "-c", command), environment=(),
+                working_directory="", spec=SandboxSpec(), stdout_path=root / "out",
+                stderr_path=root / "err"))
+            print(result.exit_code, int(pid_file.read_text()))
+
+        asyncio.run(main())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    assert done.returncode == 0, done.stderr
+    code, daemon = map(int, done.stdout.split())
+    assert code == 0
+    assert gone(daemon)
+
+
+# -- choosing a sandbox ---------------------------------------------------------------
+
+
+def test_the_process_sandbox_is_built_in_with_preference_zero(plugin_manager):
+    registered = plugin_manager.component("sandbox", "process")
+    assert registered.descriptor.preference == 0
+    assert registered.descriptor.availability().available
+
+
+def test_auto_picks_the_available_sandbox_with_the_highest_preference(plugin_manager, register):
+    class Plugin:
+        @hookimpl
+        def rexcore_sandboxes(self):
+            yield SandboxDescriptor(name="great", factory=object, preference=100,
+                                    probe=lambda: ProbeResult.unavailable("no bubblewrap"))
+            yield SandboxDescriptor(name="good", factory=object, preference=10)
+
+    register(Plugin(), name="sandboxes")
+    assert select_sandbox(plugin_manager, "auto").descriptor.name == "good"
+    assert select_sandbox(plugin_manager, "process").descriptor.name == "process"
+    with pytest.raises(SandboxUnavailableError, match="no bubblewrap"):
+        select_sandbox(plugin_manager, "great")
+    with pytest.raises(SandboxUnavailableError, match="available: .*process"):
+        select_sandbox(plugin_manager, "nonesuch")
+
+
+def test_create_sandbox_structures_options_and_rejects_typos(plugin_manager, tmp_path):
+    context = ComponentContext(data_dir=tmp_path)
+    sandbox = create_sandbox(plugin_manager, "auto", context,
+                             {"kill_grace_s": 0.1, "adopt_orphans": False, "spawn_helper": "off"})
+    assert isinstance(sandbox, Sandbox)
+    assert sandbox.options.kill_grace_s == 0.1
+    assert not sandbox.hermetic
+    with pytest.raises(Exception, match="kill_grace"):
+        create_sandbox(plugin_manager, "process", context, {"kill_grace": 1})
