@@ -4,10 +4,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests._real_rexd import RexdProcesses
 
 pytest_plugins = ["rexcore.testing"]
 
@@ -63,3 +67,16 @@ def run_rexd(*args: str, site: Path | None = None, timeout: float = 60,
         [sys.executable, "-m", "rexcore.cli.rexd", *args], capture_output=True, text=True,
         env=rexd_env(site, **env), timeout=timeout,
     )
+
+
+@pytest.fixture
+def rexd_processes(tmp_path: Path) -> Iterator[RexdProcesses]:
+    """Start real ``rexd serve`` processes (``rexd_processes.serve(workers=N)``); every
+    process they and their actions leave is killed afterwards (see ``_real_rexd``)."""
+    from tests._real_rexd import RexdProcesses
+
+    processes = RexdProcesses(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.clean_up()

@@ -28,7 +28,7 @@ import io
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,7 +43,12 @@ from rexcore.artifacts._files import (
 )
 from rexcore.artifacts._local import CAP_OPTION, IndexedBlobStore, VerifyingWriter, check_range
 from rexcore.artifacts.digest import Digest, DigestFunction, Hasher, InvalidDigestError
-from rexcore.artifacts.store import BlobNotFoundError, StorageError, StoreFullError
+from rexcore.artifacts.store import (
+    BlobNotFoundError,
+    DigestMismatchError,
+    StorageError,
+    StoreFullError,
+)
 from rexcore.config.types import ByteSize
 from rexcore.plugins.descriptors import ComponentContext
 
@@ -60,6 +65,8 @@ _RECENCY_BATCH = 1024
 _RECENCY_INTERVAL = 30.0
 # Index misses checked with a stat right on the event loop; more go to a thread.
 _INLINE_STATS = 64
+# In-memory blobs up to this size are hashed, written and published in one thread hop.
+_SMALL_PUT = 1 << 20
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -292,6 +299,38 @@ def _publish_temp(temp: TempFile, target: str, stamp: int, fsync: bool, mode: in
         fsync_directory(os.path.dirname(target))
     temp.remove()
     return added
+
+
+def _put_small(
+    temp_dir: str, target: str, digest: Digest, data: bytes | memoryview, stamp: int,
+    fsync: bool, mode: int,
+) -> str | bool:
+    """Verify and publish a whole in-memory blob: the actual hash if it does not match,
+    else whether the blob was new."""
+    hasher = digest.function.hasher(expected_size=len(data))
+    hasher.update(data)
+    actual = hasher.hexdigest()
+    if actual != digest.hash:
+        return actual
+    temp = TempFile(temp_dir, digest.hash)
+    try:
+        temp.write(data)
+        return _publish_temp(temp, target, stamp, fsync, mode)
+    finally:
+        temp.remove()
+
+
+def _put_small_many(
+    temp_dir: str, jobs: list[tuple[str, Digest, bytes | memoryview, int]], fsync: bool,
+    mode: int,
+) -> list[str | bool | OSError]:
+    outcomes: list[str | bool | OSError] = []
+    for target, digest, data, stamp in jobs:
+        try:
+            outcomes.append(_put_small(temp_dir, target, digest, data, stamp, fsync, mode))
+        except OSError as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
 class DiskBlobStore(IndexedBlobStore):
@@ -554,6 +593,52 @@ class DiskBlobStore(IndexedBlobStore):
         finally:
             if file is not None:
                 file.close()
+
+    async def put(self, digest: Digest, data: bytes | memoryview) -> None:
+        """Store an in-memory blob; a small one costs a single thread hop (hash, write,
+        publish), where the streaming writer takes three."""
+        await self.put_many({digest: data})
+
+    async def put_many(self, blobs: Mapping[Digest, bytes | memoryview]) -> None:
+        """Store several in-memory blobs; all the small ones in one thread hop. Raises
+        the first failure (:class:`DigestMismatchError`, :class:`StoreFullError`...);
+        the blobs that were fine are stored all the same."""
+        small = {d: data for d, data in blobs.items()
+                 if len(data) == d.size and 0 < d.size <= _SMALL_PUT}
+        for digest, data in blobs.items():
+            if digest not in small:
+                await super().put(digest, data)  # also reports a size mismatch
+        if not small:
+            return
+        await self._ready()
+        reserved: list[Digest] = []
+        try:
+            for digest in small:
+                if digest not in self._index:  # rewriting a held blob needs no room
+                    await self._make_room(digest)
+                    reserved.append(digest)
+                dropping = self._dropping.get(digest)
+                if dropping is not None:  # an eviction of this very blob is deleting it
+                    await asyncio.wait([dropping])
+            jobs = [(self._path(d), d, data, self._stamp()) for d, data in small.items()]
+            outcomes = await self._run(
+                _put_small_many, self._temp_dir, jobs, self._fsync, self._file_mode
+            )
+        finally:
+            for digest in reserved:
+                self._index.release(digest)
+        failure: StorageError | None = None
+        for (_, digest, data, _), outcome in zip(jobs, outcomes):
+            if isinstance(outcome, OSError):
+                failure = failure or self._write_error(outcome, digest)
+            elif isinstance(outcome, str):
+                failure = failure or DigestMismatchError(digest, outcome, len(data))
+            else:
+                self._index.add(digest)
+                if not outcome:
+                    self._note_use(digest)
+        if failure is not None:
+            raise failure
 
     def open_write(self, digest: Digest) -> _DiskBlobWriter:
         self._check_open()

@@ -89,6 +89,12 @@ def _top_parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", metavar="ID",
                         help="the name the coordinator knows this worker by (default: "
                              "<host>-<pid>-<random>)")
+    worker.add_argument("--parent-pid", type=int, metavar="PID",
+                        help="drain once this process is gone (set by the local provider, so "
+                             "a killed rexd leaves no workers behind)")
+    worker.add_argument("--orphan-grace", type=float, default=60.0, metavar="S",
+                        help="with --parent-pid: seconds an orphaned worker keeps trying to "
+                             "finish and report its running actions (default: 60)")
     worker.add_argument("--config", type=Path, metavar="FILE",
                         help="rexd.toml whose [plugins] say which plugins to load and whose "
                              "[sandboxes.NAME] tables give sandbox options")
@@ -259,13 +265,39 @@ def _worker(args: argparse.Namespace) -> int:
         agent = WorkerAgent(url, token=token, slots=args.slots, properties=properties,
                             sandbox=sandbox, data_dir=data_dir,
                             shared_store_root=args.shared_store, worker_id=args.worker_id)
-        await agent.run()
+        watch = None
+        if args.parent_pid is not None:
+            watch = asyncio.create_task(_drain_when_orphaned(agent, args.parent_pid,
+                                                             args.orphan_grace))
+        try:
+            await agent.run()
+        finally:
+            if watch is not None:
+                watch.cancel()
 
     try:
         asyncio.run(serve())
     except (WorkerError, SandboxError) as exc:
         raise _Fail(str(exc)) from exc
     return 0
+
+
+async def _drain_when_orphaned(agent: Any, parent_pid: int, grace_s: float) -> None:
+    """Drain once ``parent_pid`` is gone; stop outright ``grace_s`` later.
+
+    A local worker outlives a killed rexd (it runs in its own session); it finishes and
+    reports what it is running (a restarted rexd on the same address takes the results),
+    but takes no new work, so nothing is left behind.
+    """
+    import os
+
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(1.0)
+    logging.getLogger(__name__).warning(
+        "worker %s: its rexd (pid %d) is gone; draining", agent.worker_id, parent_pid)
+    agent.drain()
+    await asyncio.sleep(grace_s)
+    agent.drain()  # the second call stops at once
 
 
 def _drop_none(value: Any) -> Any:

@@ -19,7 +19,7 @@ from pathlib import Path
 import attrs
 
 from rexcore.artifacts.digest import Digest, DigestFunction, digest_of
-from rexcore.protocol.client import RexClient, RexClientError
+from rexcore.protocol.client import INLINE_BLOB_LIMIT, RexClient, RexClientError
 from rexcore.serialization.action import (
     Action,
     Command,
@@ -40,6 +40,8 @@ from rexcore.serialization.sandbox_spec import SandboxSpec
 __all__ = ["ExecutionResult", "RemoteActionError", "execute_remotely", "platform_for"]
 
 _UPLOAD_CONCURRENCY = 8
+# Seconds each request waiting for the result may take (the server may answer sooner).
+_WAIT_S = 60.0
 
 
 class RemoteActionError(RexClientError):
@@ -146,9 +148,22 @@ class _TreeBuilder:
         return FileNode(name, digest, bool(info.st_mode & 0o111))
 
 
-async def _upload_missing(client: RexClient, builder: _TreeBuilder) -> int:
-    wanted = [*builder.files, *builder.blobs]
-    missing = await client.find_missing(wanted)
+async def _upload_missing(client: RexClient, builder: _TreeBuilder) -> dict[Digest, bytes]:
+    """Upload the files and blobs the server lacks, except small blobs (Action, Command,
+    Directories): those are returned, to go along with the execute request. Without input
+    files nothing is asked first: the server stores only the inline blobs it lacks."""
+    if not builder.files and sum(map(len, builder.blobs.values())) <= INLINE_BLOB_LIMIT:
+        return dict(builder.blobs)
+    missing = await client.find_missing([*builder.files, *builder.blobs])
+    inline: dict[Digest, bytes] = {}
+    budget = INLINE_BLOB_LIMIT
+    uploads: list[Digest] = []
+    for digest in missing:
+        if digest in builder.blobs and digest.size <= budget:
+            inline[digest] = builder.blobs[digest]
+            budget -= digest.size
+        else:
+            uploads.append(digest)
     limit = asyncio.Semaphore(_UPLOAD_CONCURRENCY)
 
     async def upload(digest: Digest) -> None:
@@ -162,8 +177,15 @@ async def _upload_missing(client: RexClient, builder: _TreeBuilder) -> int:
                         f"input {builder.files[digest]} changed while it was being uploaded"
                     )
 
-    await asyncio.gather(*(upload(d) for d in missing))
-    return len(missing)
+    await asyncio.gather(*(upload(d) for d in uploads))
+    return inline
+
+
+async def _get_stream(client: RexClient, digest: Digest | None) -> bytes:
+    """stdout or stderr; an empty one costs no request."""
+    if digest is None or digest.is_empty:
+        return b""
+    return await client.get_blob(digest)
 
 
 async def _materialize_tree(client: RexClient, tree_digest: Digest, target: Path) -> None:
@@ -230,7 +252,10 @@ async def execute_remotely(
     ``workdir``. The exit code is the action's; failures to run raise or set ``status``."""
     workdir = Path(workdir).resolve()
     builder = _TreeBuilder(workdir, function)
-    input_root = await asyncio.to_thread(builder.build, spec.inputs)
+    if spec.inputs:
+        input_root = await asyncio.to_thread(builder.build, spec.inputs)
+    else:
+        input_root = builder.build(())  # the empty tree: no file to look at
     command = Command(
         arguments=tuple(argv),
         environment=sorted_pairs(environment or {}),
@@ -244,12 +269,14 @@ async def execute_remotely(
         platform=platform_for(spec, properties),
     )
     action_digest = builder.add_blob(canonical_bytes(action))
-    await _upload_missing(client, builder)
+    inline = await _upload_missing(client, builder)
+    # One request submits, carries the small blobs and waits for the result.
     operation: OperationView = await client.execute(
-        action_digest, priority=priority, skip_cache_lookup=skip_cache_lookup
+        action_digest, priority=priority, skip_cache_lookup=skip_cache_lookup,
+        wait_s=_WAIT_S, blobs=inline,
     )
     while not operation.done:
-        operation = await client.wait_operation(operation.name, wait_s=60.0)
+        operation = await client.wait_operation(operation.name, wait_s=_WAIT_S)
     result = operation.result
     if result is None:
         return ExecutionResult(
@@ -257,8 +284,8 @@ async def execute_remotely(
             action_digest=action_digest, operation=operation.name, result=ActionResult(),
             status=operation.status, message=operation.message,
         )
-    stdout = await client.get_blob(result.stdout_digest) if result.stdout_digest else b""
-    stderr = await client.get_blob(result.stderr_digest) if result.stderr_digest else b""
+    stdout = await _get_stream(client, result.stdout_digest)
+    stderr = await _get_stream(client, result.stderr_digest)
     if fetch_outputs:
         await _fetch_outputs(client, result, workdir)
     return ExecutionResult(

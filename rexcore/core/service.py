@@ -28,7 +28,7 @@ import attrs
 from rexcore.config.converter import structure_config, unstructure_config
 from rexcore.config.loader import resolve_config, set_option
 from rexcore.config.model import PoolConfig, RexConfig
-from rexcore.core.daemon import Daemon
+from rexcore.core.daemon import Daemon, DaemonError
 from rexcore.core.remote_action import ExecutionResult, execute_remotely
 from rexcore.plugins.manager import PluginManager, build_plugin_manager
 from rexcore.protocol.client import RexClient
@@ -153,7 +153,10 @@ class AsyncRemoteService:
             raise ServiceError("the service is already running")
         config = structure_config(self._raw, RexConfig)
         daemon = Daemon(resolve_config(config, self._plugins), self._plugins)
-        await daemon.start()
+        try:
+            await daemon.start()
+        except DaemonError as exc:
+            raise ServiceError(f"the service failed to start: {exc}") from exc
         self._daemon = daemon
         self._client = RexClient(self.url)
 
@@ -198,10 +201,10 @@ class AsyncRemoteService:
     async def get_metrics(self) -> ServiceMetrics:
         self._require()
         assert self._client is not None
-        status = await self._client.status()
-        return ServiceMetrics(status.total_executions, status.successful_executions,
-                              status.failed_executions, status.cache_hits,
-                              status.cache_hit_rate, status.uptime_s)
+        metrics = (await self._client.status()).metrics
+        return ServiceMetrics(metrics.total_executions, metrics.successful_executions,
+                              metrics.failed_executions, metrics.cache_hits,
+                              metrics.cache_hit_rate, metrics.uptime_s)
 
 
 class RemoteService:

@@ -13,12 +13,13 @@ what to do next.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import ctypes
 import hashlib
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, Self
 
@@ -35,6 +36,7 @@ from rexcore.serialization.worker_protocol import SyncRequest, SyncResponse
 
 __all__ = [
     "DEFAULT_SERVER",
+    "INLINE_BLOB_LIMIT",
     "BlobNotFound",
     "DigestMismatch",
     "InvalidAction",
@@ -59,6 +61,9 @@ Progress = Callable[[int, int], None]
 _CHUNK = 4 << 20
 # Digests per find-missing request; servers accept 100k by default.
 _FIND_MISSING_BATCH = 50_000
+#: The most bytes of blobs :meth:`RexClient.execute` sends inline (as base64 in its JSON
+#: body); larger sets go up with PUTs first.
+INLINE_BLOB_LIMIT = 1 << 20
 
 
 class RexClientError(Exception):
@@ -433,20 +438,41 @@ class RexClient:
             ) from exc
 
     async def execute(
-        self, action_digest: Digest, *, priority: int = 0, skip_cache_lookup: bool = False
+        self,
+        action_digest: Digest,
+        *,
+        priority: int = 0,
+        skip_cache_lookup: bool = False,
+        wait_s: float = 0.0,
+        blobs: Mapping[Digest, bytes] | None = None,
     ) -> OperationView:
-        """Submit an action (its Action, Command and input blobs must be uploaded); the
-        operation comes back at once: done already on a cache hit, else queued.
+        """Submit an action (its Action, Command and input blobs must be uploaded, or be
+        among ``blobs``); the operation comes back done already on a cache hit, else
+        queued, or, with ``wait_s``, once it is done or after that many seconds (the
+        server bounds the wait; then go on with :meth:`wait_operation`).
+
+        ``blobs`` are small blobs (the Action, Command, Directories: at most
+        :data:`INLINE_BLOB_LIMIT` bytes in all) sent in the same request; the server stores
+        them in its CAS first, which saves one upload round trip per blob.
 
         Raises :class:`MissingBlobs` (code ``failed_precondition``) listing what to upload,
-        :class:`InvalidAction`, or :class:`ResourceExhausted` when the queue is full.
+        :class:`InvalidAction`, :class:`DigestMismatch` for a blob that does not match its
+        digest, or :class:`ResourceExhausted` when the queue is full.
         """
-        body = orjson.dumps({
+        request: dict[str, Any] = {
             "action_digest": str(action_digest),
             "priority": priority,
             "skip_cache_lookup": skip_cache_lookup,
-        })
-        return await self._call("POST", "/v1/execute", OperationView, body)
+        }
+        if wait_s > 0:
+            request["wait_s"] = wait_s
+        if blobs:
+            request["blobs"] = {
+                str(digest): binascii.b2a_base64(data, newline=False).decode("ascii")
+                for digest, data in blobs.items()
+            }
+        return await self._call("POST", "/v1/execute", OperationView, orjson.dumps(request),
+                                long_poll_s=wait_s)
 
     async def wait_operation(self, name: str, wait_s: float = 0.0) -> OperationView:
         """The operation ``name`` once it is done, or its state after ``wait_s`` seconds

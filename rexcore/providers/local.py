@@ -108,6 +108,7 @@ class LocalProvider:
             "--sandbox", launch.sandbox,
             "--data-dir", str(self.data_dir / "workers" / worker.worker_id),
             "--shared-store", str(self.shared_store),
+            "--parent-pid", str(os.getpid()),
         ]
         for key, value in launch.properties:
             command += ["--property", f"{key}={value}"]

@@ -83,6 +83,8 @@ log = logging.getLogger(__name__)
 _LINUX = sys.platform.startswith("linux")
 _POSIX = os.name == "posix"
 _PR_SET_CHILD_SUBREAPER = 36
+# The descriptor the helper reports on (posix_spawn moves the pipe there).
+_REPORT_FD = 3
 # How long finishing keeps SIGKILLing a tree that will not go away (processes stuck in
 # uninterruptible sleep) before it gives up and says so.
 _KILL_PATIENCE_S = 30.0
@@ -411,10 +413,27 @@ class _Usage:
 # -- one running action ----------------------------------------------------------------
 
 
+class _Spawned:
+    """What :class:`_Execution` needs of a Popen, for a process ``posix_spawn`` started."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def wait(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
 class _Execution:
     """An action's first process: when it exits, stopping its tree, reaping it."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], grace_s: float,
+    def __init__(self, popen: subprocess.Popen[bytes] | _Spawned, grace_s: float,
                  report_fd: int | None = None) -> None:
         self.popen = popen
         self.report_fd = report_fd
@@ -652,10 +671,18 @@ class ProcessSandbox:
         if self._helper is not None:
             report_fd, write_fd = os.pipe()
             os.set_blocking(report_fd, False)
-            options = [f"-r{write_fd}"] + (["-s"] if _LINUX else [])
-            options += [f"-l{which}:{soft}:{hard}" for which, soft, hard in self._limits(request)]
-            if self._owner is not None:
-                options.append(f"-u{self._owner[0]}:{self._owner[1]}")
+            if min(stdout, stderr, write_fd) > _REPORT_FD:
+                try:
+                    popen: subprocess.Popen[bytes] | _Spawned = self._posix_spawn(
+                        request, cwd, stdout, stderr, write_fd)
+                except BaseException:
+                    os.close(report_fd)
+                    raise
+                finally:
+                    os.close(write_fd)
+                _orphans.tops.add(popen.pid)
+                return _Execution(popen, self.options.kill_grace_s, report_fd)
+            options = [f"-r{write_fd}"] + self._helper_options(request)
             command = [self._helper, *options, "--", *argv]
             kwargs.update(start_new_session=True, pass_fds=(write_fd,))
         elif _POSIX:
@@ -698,6 +725,39 @@ class ProcessSandbox:
                 os.close(write_fd)
         _orphans.tops.add(popen.pid)
         return _Execution(popen, self.options.kill_grace_s, report_fd)
+
+    def _helper_options(self, request: SandboxRequest) -> list[str]:
+        options = ["-s"] if _LINUX else []
+        options += [f"-l{which}:{soft}:{hard}" for which, soft, hard in self._limits(request)]
+        if self._owner is not None:
+            options.append(f"-u{self._owner[0]}:{self._owner[1]}")
+        return options
+
+    def _posix_spawn(self, request: SandboxRequest, cwd: Path, stdout: int, stderr: int,
+                     write_fd: int) -> _Spawned:
+        """Start the helper with ``posix_spawn``: no Python between fork and exec at all,
+        about a third of what ``subprocess.Popen`` costs (the helper changes directory).
+        Needs every descriptor handed over above the ones it is moved to."""
+        assert self._helper is not None
+        argv = list(request.arguments)
+        command = [self._helper, f"-r{_REPORT_FD}", f"-c{cwd}",
+                   *self._helper_options(request), "--", *argv]
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, stdout, 1),
+            (os.POSIX_SPAWN_DUP2, stderr, 2),
+            (os.POSIX_SPAWN_DUP2, write_fd, _REPORT_FD),
+        ]
+        try:
+            return _Spawned(os.posix_spawn(self._helper, command, dict(request.environment),
+                                           file_actions=actions, setsid=True))
+        except OSError as exc:
+            raise SandboxError(
+                f"process sandbox: cannot start a process ({self._helper}): {exc}; check "
+                "the worker's limits (processes, open files, memory)"
+            ) from exc
+        except ValueError as exc:  # a NUL byte or '=' in an argument or the environment
+            raise _ExecFailed(126, f"cannot execute {argv[0]!r}: {exc}") from exc
 
     async def run(self, request: SandboxRequest) -> SandboxResult:
         cwd = request.exec_root / request.working_directory if request.working_directory \
@@ -750,9 +810,11 @@ class ProcessSandbox:
         if report is not None:
             if "setup" in report:
                 errno_text, what = (report["setup"] + ["?"])[:2]
-                raise SandboxError(
-                    f"process sandbox: preparing the action failed: {what}: "
-                    f"{os.strerror(int(errno_text)) if errno_text.isdigit() else errno_text}")
+                cause = os.strerror(int(errno_text)) if errno_text.isdigit() else errno_text
+                if what == "chdir":
+                    raise SandboxError(f"process sandbox: cannot start the action in {cwd}: "
+                                       f"{cause}; check the exec root")
+                raise SandboxError(f"process sandbox: preparing the action failed: {what}: {cause}")
             if "exec" in report:
                 number = report["exec"][0]
                 message = (f"cannot execute {request.arguments[0]!r}: "

@@ -6,12 +6,14 @@
  * what Python would otherwise have to do in a forked child, then runs the command as
  * its child and waits for it:
  *
- *   rex-spawn -r<fd> [-s] [-l<resource>:<soft>:<hard>]... [-u<uid>:<gid>] -- argv...
+ *   rex-spawn -r<fd> [-c<dir>] [-s] [-l<resource>:<soft>:<hard>]... [-u<uid>:<gid>] -- argv...
  *
  *   -r  report fd: "setup <errno> <what>", "exec <errno>" and finally
  *       "done <wait status> <user us> <system us> <max rss> <left>" lines go there
  *       (left: 1 if live descendants remain); it is
  *       close-on-exec, so the command never sees it
+ *   -c  change into this directory (before -u drops privileges, so the command starts
+ *       there even where its user may not traverse the directories above it)
  *   -s  become a child subreaper: orphans of the command's tree re-parent here, not to
  *       init, so the worker can still find and kill them
  *   -l  setrlimit (only ever lowering)
@@ -63,6 +65,9 @@ int main(int argc, char **argv) {
             report_fd = atoi(arg + 2);
             if (fcntl(report_fd, F_SETFD, FD_CLOEXEC) != 0)
                 setup_failed("report fd", errno);
+        } else if (strncmp(arg, "-c", 2) == 0) {
+            if (chdir(arg + 2) != 0)
+                setup_failed("chdir", errno);
         } else if (strcmp(arg, "-s") == 0) {
 #ifdef PR_SET_CHILD_SUBREAPER
             if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0)

@@ -2,7 +2,11 @@
 
 - ``POST /v1/execute``: ``{"action_digest": "function/hash/size", "priority": 0,
   "skip_cache_lookup": false}`` in, an :class:`~rexcore.serialization.operation.OperationView`
-  out (done already on an action-cache hit).
+  out (done already on an action-cache hit). Optional: ``"wait_s": N`` answers once the
+  operation is done or after N seconds (at most ``scheduler.max_long_poll_s``), saving the
+  client a separate wait; ``"blobs": {"function/hash/size": "<base64>", ...}`` carries small
+  blobs (the Action, Command, Directories) that are stored in the CAS, verified, before
+  the action is submitted, saving an upload per blob.
 - ``GET /v1/operations/{id}?wait_s=N``: the operation, once done or after ``wait_s``
   seconds (at most ``scheduler.max_long_poll_s``; 0 or absent: at once).
 - ``POST /v1/operations/{id}/cancel``: cancel it; answers the operation as it now is.
@@ -20,13 +24,15 @@ the operation status names: ``resource_exhausted`` (429, queue full),
 
 from __future__ import annotations
 
+import binascii
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from rexcore.artifacts.digest import InvalidDigestError, parse_digest
+from rexcore.artifacts.digest import Digest, InvalidDigestError, parse_digest
+from rexcore.artifacts.store import BlobStore, DigestMismatchError, StoreFullError
 from rexcore.protocol.http_server import _ApiError, _json_object  # the API's own error shape
 from rexcore.scheduler.operations import (
     MissingInputsError,
@@ -45,7 +51,7 @@ __all__ = ["OPERATION_ROUTE", "add_scheduler_routes"]
 #: The route of one operation: ``/v1/`` + its name.
 OPERATION_ROUTE = "/v1/{name:operations/[0-9a-f]{32}}"
 _JSON = "application/json"
-_EXECUTE_KEYS = {"action_digest", "priority", "skip_cache_lookup"}
+_EXECUTE_KEYS = {"action_digest", "priority", "skip_cache_lookup", "wait_s", "blobs"}
 _PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 _HTTP_STATUS = {"invalid_argument": 400, "unavailable": 503}
 
@@ -106,7 +112,7 @@ class _SchedulerApi:
                 400, "invalid_request",
                 f"the execute body has unexpected keys {unexpected}; send "
                 '{"action_digest": "function/hash/size", "priority": 0, '
-                '"skip_cache_lookup": false}',
+                '"skip_cache_lookup": false} and optionally "wait_s" and "blobs"',
             )
         text = doc.get("action_digest")
         try:
@@ -134,20 +140,61 @@ class _SchedulerApi:
             raise _ApiError(
                 400, "invalid_request", f"skip_cache_lookup must be true or false, got {skip!r}"
             )
-        op = await self._scheduler.submit(digest, priority=priority, skip_cache_lookup=skip)
+        wait_s = _wait_seconds(doc.get("wait_s", 0), "wait_s")
+        blobs = self._inline_blobs(doc.get("blobs"))
+        if blobs:
+            await _store_blobs(self._scheduler.runtime.blob_store, blobs)
+        op = await self._scheduler.submit(
+            digest, priority=priority, skip_cache_lookup=skip, blobs=blobs
+        )
+        if wait_s > 0 and not op.done:
+            op = await self._scheduler.wait(
+                op.name, min(wait_s, self._scheduler.config.max_long_poll_s)
+            )
         return _answer(op.view())
+
+    def _inline_blobs(self, value: Any) -> dict[Digest, bytes]:
+        """The ``blobs`` of an execute request, decoded and checked against their sizes."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise _ApiError(
+                400, "invalid_request",
+                'blobs must be an object {"function/hash/size": "<base64 bytes>", ...}',
+            )
+        enabled = self._scheduler.runtime.digest_functions
+        blobs: dict[Digest, bytes] = {}
+        for text, encoded in value.items():
+            try:
+                digest = parse_digest(text)
+            except ValueError as exc:
+                raise _ApiError(400, "invalid_digest", f"blobs: {exc}") from None
+            if digest.function not in enabled:
+                raise _ApiError(
+                    400, "unsupported_digest_function",
+                    f"blob {digest} uses digest function {digest.function.value}, which this "
+                    f"server does not enable; enabled: {', '.join(f.value for f in enabled)}",
+                )
+            try:
+                if not isinstance(encoded, str):
+                    raise TypeError(f"expected a base64 string, got {type(encoded).__name__}")
+                data = binascii.a2b_base64(encoded, strict_mode=True)
+            except (binascii.Error, TypeError, ValueError) as exc:
+                raise _ApiError(
+                    400, "invalid_request", f"blobs[{text!r}] is not valid base64: {exc}"
+                ) from None
+            if len(data) != digest.size:
+                raise _ApiError(
+                    400, "digest_mismatch",
+                    f"blob {digest} arrived with {len(data)} bytes, its digest says "
+                    f"{digest.size}; nothing was stored",
+                )
+            blobs[digest] = data
+        return blobs
 
     @_translated
     async def get_operation(self, request: web.Request) -> web.Response:
-        text = request.query.get("wait_s", "0")
-        try:
-            wait_s = float(text)
-        except ValueError:
-            wait_s = math.nan
-        if not math.isfinite(wait_s) or wait_s < 0:
-            raise _ApiError(
-                400, "invalid_request", f"?wait_s={text!r} must be a number of seconds >= 0"
-            )
+        wait_s = _wait_seconds(request.query.get("wait_s", "0"), "?wait_s")
         wait_s = min(wait_s, self._scheduler.config.max_long_poll_s)
         op = await self._scheduler.wait(request.match_info["name"], wait_s)
         return _answer(op.view())
@@ -177,3 +224,41 @@ class _SchedulerApi:
     @_translated
     async def status(self, request: web.Request) -> web.Response:
         return _answer(self._scheduler.status())
+
+
+def _wait_seconds(value: Any, name: str) -> float:
+    """A number of seconds to wait (a number or, in a query, its text), finite and >= 0."""
+    wait_s = math.nan
+    if not isinstance(value, bool):
+        try:
+            wait_s = float(value)
+        except (TypeError, ValueError):
+            pass
+    if not math.isfinite(wait_s) or wait_s < 0:
+        raise _ApiError(
+            400, "invalid_request", f"{name}={value!r} must be a number of seconds >= 0"
+        )
+    return wait_s
+
+
+async def _store_blobs(store: BlobStore, blobs: dict[Digest, bytes]) -> None:
+    """Put the blobs the store lacks, verified, all at once (in one go where the store
+    can: the disk store writes small blobs in a single thread hop)."""
+    missing = await store.find_missing(blobs)
+    if not missing:
+        return
+    put_many = getattr(store, "put_many", None)
+    try:
+        if put_many is not None:
+            await put_many({digest: blobs[digest] for digest in missing})
+        else:
+            for digest in missing:
+                await store.put(digest, blobs[digest])
+    except DigestMismatchError as exc:
+        raise _ApiError(400, "digest_mismatch", str(exc)) from None
+    except StoreFullError as exc:
+        raise _ApiError(
+            507, "store_full",
+            f"no room for the request's blobs: {exc}; nothing was submitted. Free disk "
+            "space or lower the blob store's max_size",
+        ) from None

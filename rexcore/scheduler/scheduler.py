@@ -11,7 +11,8 @@ Queue and matching
     Queued executions wait in one priority heap per distinct platform (lower ``priority``
     first, FIFO within a priority). A worker may take an execution when every platform
     property of the action is among the worker's properties (a worker may offer several
-    values for one name). A worker whose synchronize call is held (long poll) is handed a
+    values for one name); ``memory``, ``cpus``, ``pids`` and ``network`` are the action's
+    limits, not matched. A worker whose synchronize call is held (long poll) is handed a
     matching execution the moment it is submitted, never by polling.
 
 Leases, retries, deadlines
@@ -52,7 +53,8 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
@@ -104,6 +106,9 @@ _PARSED_IN_MEMORY = 4096
 _PRUNE_EVERY_S = 600.0
 
 _Platform = frozenset[tuple[str, str]]
+#: Platform properties that carry an action's limits to the sandbox (``rex run --memory``,
+#: ``SandboxSpec.max_memory``...): requests to the worker, not properties it must offer.
+_LIMIT_PROPERTIES = frozenset({"memory", "cpus", "pids", "network"})
 
 
 @attrs.define(eq=False)
@@ -137,7 +142,7 @@ class _Execution:
 
     @property
     def platform(self) -> _Platform:
-        return frozenset(self.action.platform)
+        return frozenset(p for p in self.action.platform if p[0] not in _LIMIT_PROPERTIES)
 
     @property
     def cacheable(self) -> bool:
@@ -261,16 +266,25 @@ class Scheduler:
     # -- submit ---------------------------------------------------------------------------
 
     async def submit(
-        self, action_digest: Digest, *, priority: int = 0, skip_cache_lookup: bool = False
+        self,
+        action_digest: Digest,
+        *,
+        priority: int = 0,
+        skip_cache_lookup: bool = False,
+        blobs: Mapping[Digest, bytes] | None = None,
     ) -> Operation:
         """Queue an execution of the action ``action_digest`` (already in the CAS).
 
         Returns its operation: completed already on an action-cache hit, else queued (or
         executing, when merged into an identical running action). Raises
         :class:`MissingInputsError`, :class:`InvalidActionError` or :class:`QueueFullError`.
+        ``blobs`` are bytes of CAS blobs the caller has at hand (it just stored them): the
+        Action, Command or input root among them are parsed without reading them back.
         """
         self._check_running()
-        action, action_bytes, command, command_bytes = await self._read_action(action_digest)
+        action, action_bytes, command, command_bytes = await self._read_action(
+            action_digest, blobs or {}
+        )
         timeout_s = self._timeout_of(action)
         if timeout_s is None:
             raise InvalidActionError(
@@ -340,14 +354,23 @@ class Scheduler:
         await self._durable(self._persist([self._row(op, execution)], []))
         return op
 
-    async def _read_action(self, digest: Digest) -> tuple[Action, bytes, Command, bytes]:
-        action, action_bytes = await self._parse(digest, Action, "action")
-        results = await asyncio.gather(
-            self._parse(action.command_digest, Command, "command"),
-            self._parse(action.input_root_digest, Directory, "input root"),
-            return_exceptions=True,
-        )
-        missing = [d for r in results if isinstance(r, BlobNotFoundError) for d in [r.digest]]
+    async def _read_action(
+        self, digest: Digest, at_hand: Mapping[Digest, bytes]
+    ) -> tuple[Action, bytes, Command, bytes]:
+        """The Action and its Command parsed, and its input root checked: at most two
+        reads from the CAS (the Action, then the Command and the input root together),
+        none for what was parsed before or is ``at_hand``."""
+        loaded = await self._load([(digest, Action)], at_hand)
+        if isinstance(loaded.get(digest), BlobNotFoundError):
+            raise MissingInputsError(
+                f"action {digest} is not in the CAS; upload the Action (and its Command "
+                "and input root) with PUT /v1/cas/..., then execute again",
+                [digest],
+            )
+        action, action_bytes = self._parse(digest, Action, "action", loaded)
+        wanted = [(action.command_digest, Command), (action.input_root_digest, Directory)]
+        loaded = await self._load(wanted, at_hand)
+        missing = [d for d, _ in wanted if isinstance(loaded.get(d), BlobNotFoundError)]
         if missing:
             listed = ", ".join(str(d) for d in missing)
             raise MissingInputsError(
@@ -355,38 +378,68 @@ class Scheduler:
                 "them (PUT /v1/cas/...) and execute again",
                 missing,
             )
-        for outcome in results:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        (command, command_bytes), _ = results  # type: ignore[misc]
+        command, command_bytes = self._parse(action.command_digest, Command, "command", loaded)
+        self._parse(action.input_root_digest, Directory, "input root", loaded)
         try:
             command.validate()
         except InvalidActionError as exc:
             raise InvalidActionError(f"action {digest}: {exc}") from None
         return action, action_bytes, command, command_bytes
 
-    async def _parse(self, digest: Digest, cls: type[T], what: str) -> tuple[T, bytes]:
-        """The blob ``digest`` parsed as ``cls``; parsed once, then remembered (the CAS is
-        still asked whether it holds the blob, since workers need it)."""
-        key = (cls, digest)
-        known = self._parsed.get(key)
+    async def _load(
+        self, wanted: list[tuple[Digest, type]], at_hand: Mapping[Digest, bytes]
+    ) -> dict[Digest, bytes | StorageError]:
+        """The bytes of the ``wanted`` blobs (those parsed before are only checked to be in
+        the CAS still), or a StorageError for one that cannot be read.
+
+        Blobs with files in the store are read in one thread hop, the rest through
+        ``store.get``."""
         store = self.runtime.blob_store
+        loaded: dict[Digest, bytes | StorageError] = {}
+        to_read: list[Digest] = []
+        for digest, cls in wanted:
+            if digest in loaded:
+                continue
+            parsed = self._parsed.get((cls, digest))
+            if parsed is not None:
+                present = cls is Action or not await store.find_missing([digest])
+                loaded[digest] = parsed[1] if present else BlobNotFoundError(digest)
+            elif digest in at_hand:
+                loaded[digest] = at_hand[digest]
+            else:
+                to_read.append(digest)
+        if not to_read:
+            return loaded
+        paths = [store.local_path(digest) for digest in to_read]
+        if all(path is not None for path in paths):
+            read = await asyncio.to_thread(_read_files, paths)  # type: ignore[arg-type]
+            for digest, data in zip(to_read, read):
+                if data is not None:
+                    loaded[digest] = data
+            to_read = [digest for digest in to_read if digest not in loaded]
+        outcomes = await asyncio.gather(*(store.get(d) for d in to_read), return_exceptions=True)
+        for digest, outcome in zip(to_read, outcomes):
+            if isinstance(outcome, StorageError):
+                loaded[digest] = outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                loaded[digest] = outcome
+        return loaded
+
+    def _parse(
+        self, digest: Digest, cls: type[T], what: str,
+        loaded: dict[Digest, bytes | StorageError],
+    ) -> tuple[T, bytes]:
+        """The blob ``digest`` parsed as ``cls``; parsed once, then remembered."""
+        key = (cls, digest)
+        data = loaded[digest]
+        if isinstance(data, StorageError):
+            raise data
+        known = self._parsed.get(key)
         if known is not None:
             self._parsed.move_to_end(key)
-            if cls is Action or not await store.find_missing([digest]):
-                return known  # type: ignore[return-value]
-            raise BlobNotFoundError(digest)
-        if what == "action":
-            try:
-                data = await store.get(digest)
-            except BlobNotFoundError:
-                raise MissingInputsError(
-                    f"action {digest} is not in the CAS; upload the Action (and its Command "
-                    "and input root) with PUT /v1/cas/..., then execute again",
-                    [digest],
-                ) from None
-        else:
-            data = await store.get(digest)  # BlobNotFoundError: collected by the caller
+            return known  # type: ignore[return-value]
         try:
             value = decode(data, cls)
             if isinstance(value, Directory):
@@ -563,18 +616,15 @@ class Scheduler:
                     f"{execution.timeout_s:g}s on worker {worker.id} and was killed",
                 )
             cache = self.runtime.config.storage.action_cache.enabled
+            caching = None
             if result.exit_code == 0 and execution.cacheable and cache:
-                try:
-                    await self.runtime.action_cache.put(execution.action_digest, result)
-                except MissingBlobsError as exc:
-                    log.warning("worker %s: %s", worker.id, exc)
-                except StorageError as exc:
-                    log.error("cannot cache the result of %s: %s", execution.action_digest, exc)
-                if self._executions.get(execution.name) is not execution:
-                    return None  # finished meanwhile
+                # Written beside the scheduler's own commit; the waiters hear of the
+                # result once both are done, so an identical action submitted next hits.
+                caching = self._track(self._cache_result(
+                    worker.id, execution.action_digest, result))
             if execution.state == "executing" and execution.worker != worker.id:
                 self._cancel_on_worker(execution.worker, execution.name)
-            return self._finish(execution, result=result, ran=True)
+            return self._finish(execution, result=result, ran=True, after=caching)
         if not holder:
             return None
         error = completion.error or "it reported neither a result nor an error"
@@ -586,6 +636,14 @@ class Scheduler:
             )
         self._lose(execution, f"worker {worker.id} failed to run it: {error}")
         return None
+
+    async def _cache_result(self, worker_id: str, digest: Digest, result: ActionResult) -> None:
+        try:
+            await self.runtime.action_cache.put(digest, result)
+        except MissingBlobsError as exc:
+            log.warning("worker %s: %s", worker_id, exc)
+        except StorageError as exc:
+            log.error("cannot cache the result of %s: %s", digest, exc)
 
     def _reconcile(self, worker: _Worker, call: int, request: SyncRequest) -> None:
         """Renew what the worker runs, cancel what it should not, requeue what it lost."""
@@ -777,9 +835,10 @@ class Scheduler:
         status: str = "ok",
         message: str = "",
         ran: bool = False,
+        after: asyncio.Future[None] | None = None,
     ) -> asyncio.Future[None]:
         """Complete every operation of ``execution``; the future resolves once that is
-        committed (and the waiters have been told)."""
+        committed and ``after`` is done (and the waiters have been told)."""
         self._retire(execution)
         if ran:
             self._counters.total += 1
@@ -790,7 +849,7 @@ class Scheduler:
         ops = list(execution.operations)
         for op in ops:
             self._complete(op, result=result, status=status, message=message)
-        return self._persist([self._row(op, execution) for op in ops], ops)
+        return self._persist([self._row(op, execution) for op in ops], ops, after)
 
     def _complete(
         self,
@@ -826,15 +885,22 @@ class Scheduler:
         self._persist([self._row(op, execution) for op in execution.operations], [])
 
     def _persist(
-        self, rows: list[tuple[Any, ...]], completed: list[Operation]
+        self, rows: list[tuple[Any, ...]], completed: list[Operation],
+        after: asyncio.Future[None] | None = None,
     ) -> asyncio.Future[None]:
-        """Write ``rows``; once committed, tell the waiters of the ``completed`` operations."""
+        """Write ``rows``; once committed (and ``after`` is done), tell the waiters of the
+        ``completed`` operations."""
         if not rows:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
-            self._notify(completed)
-            return done
-        future = self.database.save(rows)
+            if after is None:
+                self._notify(completed)
+                return done
+            future = _when_both(done, after)
+        else:
+            future = self.database.save(rows)
+            if after is not None:
+                future = _when_both(future, after)
         future.add_done_callback(functools.partial(self._committed, completed))
         return future
 
@@ -975,9 +1041,14 @@ class Scheduler:
             log.info("scheduler: forgot %d completed operation(s)", removed)
 
     def _spawn(self, coroutine: Any) -> None:
+        self._track(coroutine)
+
+    def _track(self, coroutine: Any) -> asyncio.Task[Any]:
+        """Run ``coroutine`` in the background (cancelled when the scheduler stops)."""
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # -- observation ----------------------------------------------------------------------
 
@@ -1006,6 +1077,37 @@ class Scheduler:
             cache_hit_rate=counters.cache_hits / lookups if lookups else 0.0,
             uptime_s=time.time() - self._started_at if self._running else 0.0,
         )
+
+
+def _when_both(first: asyncio.Future[Any], second: asyncio.Future[Any]) -> asyncio.Future[None]:
+    """Resolves once both are done, as ``first`` did; ``second`` reports its own errors."""
+    both: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def done(_: object) -> None:
+        if not (first.done() and second.done()) or both.done():
+            return
+        if first.cancelled():
+            both.cancel()
+        elif first.exception() is not None:
+            both.set_exception(first.exception())  # type: ignore[arg-type]
+        else:
+            both.set_result(None)
+
+    first.add_done_callback(done)
+    second.add_done_callback(done)
+    return both
+
+
+def _read_files(paths: list[Path]) -> list[bytes | None]:
+    """Each file's bytes, or None for one that is gone (evicted meanwhile)."""
+    contents: list[bytes | None] = []
+    for path in paths:
+        try:
+            with open(path, "rb", buffering=0) as file:
+                contents.append(file.readall())
+        except FileNotFoundError:
+            contents.append(None)
+    return contents
 
 
 def _is_current(entry: tuple[int, int, int, _Execution]) -> bool:

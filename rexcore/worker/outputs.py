@@ -53,6 +53,10 @@ __all__ = ["CollectedOutputs", "Upload", "collect_outputs", "copy_into"]
 Upload = Callable[[Sequence[Digest]], Awaitable[None]]
 
 _CHUNK = 1 << 20
+# Outputs collected on the event loop: up to this many output paths, of files (not
+# directories) holding up to this many bytes with stdout and stderr.
+_INLINE_OUTPUTS = 8
+_INLINE_BYTES = 256 << 10
 
 
 @attrs.frozen
@@ -262,6 +266,29 @@ def _scan(exec_root: Path, command: Command, function: DigestFunction,
     return walk
 
 
+def _few_and_small(exec_root: Path, command: Command, streams: list[Path]) -> bool:
+    """Whether the outputs are at most a few files, small in all (a look with ``lstat``):
+    then collecting them right on the event loop costs less than a hop to a thread,
+    which then waits for the GIL back."""
+    if len(command.output_paths) > _INLINE_OUTPUTS:
+        return False
+    base = os.path.join(str(exec_root), command.working_directory)
+    total = 0
+    paths: list[str | Path] = [*streams]
+    paths += [os.path.join(base, output) for output in command.output_paths]
+    for path in paths:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+        if stat.S_ISDIR(info.st_mode):
+            return False
+        total += info.st_size
+    return total <= _INLINE_BYTES
+
+
 async def collect_outputs(
     exec_root: Path,
     command: Command,
@@ -287,7 +314,10 @@ async def collect_outputs(
             raise OutputError(str(exc), permanent=True) from exc
     streams = [p for p in (stdout_path, stderr_path) if p is not None]
     try:
-        walk = await asyncio.to_thread(_scan, exec_root, command, function, streams)
+        if _few_and_small(exec_root, command, streams):
+            walk = _scan(exec_root, command, function, streams)  # cheaper than a thread hop
+        else:
+            walk = await asyncio.to_thread(_scan, exec_root, command, function, streams)
     except OutputError:
         raise
     except OSError as exc:

@@ -57,6 +57,10 @@ _MAX_ENTRIES = 2_000_000
 # Errors of os.link that mean "copy instead": another file system, too many links to one
 # inode, or fs.protected_hardlinks refusing a file this user does not own.
 _CANNOT_LINK = {errno.EXDEV, errno.EMLINK, errno.EPERM, errno.EACCES}
+# Trees up to this many entries and bytes (bytes matter only if links fail and files are
+# copied) are staged on the event loop; bigger ones in a thread.
+_INLINE_ENTRIES = 32
+_INLINE_BYTES = 1 << 20
 
 
 class DirectoryCache:
@@ -258,13 +262,17 @@ class InputStager:
             key = (digest, executable and self.executables is not None)
             if key not in sources:
                 sources[key] = self._source(digest, key[1])
+        # A thread hop costs the event loop more than a few mkdir and link calls (it
+        # waits for the GIL back): small trees are made right here, big ones in a thread.
+        small = (len(plan.files) + len(plan.directories) + len(plan.symlinks) <= _INLINE_ENTRIES
+                 and sum(digest.size for _, digest, _ in plan.files) <= _INLINE_BYTES)
         start = 0
         for attempt in range(3):
             try:
-                copied = await asyncio.to_thread(
-                    _materialize, exec_root, plan, sources, self.executables is not None, start,
-                    also_create,
-                )
+                args = (exec_root, plan, sources, self.executables is not None, start,
+                        also_create)
+                copied = _materialize(*args) if small else await asyncio.to_thread(
+                    _materialize, *args)
             except _Vanished as vanished:
                 if attempt == 2:
                     raise InputError(
