@@ -464,6 +464,24 @@ async def test_a_new_call_supersedes_the_worker_s_held_call(plugin_manager, tmp_
         assert (await client.wait_operation(op.name)).status == "ok"
 
 
+async def test_the_call_that_supersedes_a_held_call_is_held_and_woken_by_new_work(
+    plugin_manager, tmp_path
+):
+    async with coordinator(plugin_manager, tmp_path / "data", max_long_poll_s=120) as (
+        running, client
+    ):
+        scheduler = running.runtime.scheduler
+        worker = FakeWorker(client, "w1", slots=2)
+        held = asyncio.create_task(worker.sync(wait_s=120))
+        await wait_until(lambda: "w1" in scheduler._waiting, "the first call is held")
+        holding = asyncio.create_task(worker.sync(wait_s=120))  # replaces it, held in turn
+        assert (await asyncio.wait_for(held, 30)).assignments == ()
+        op = await client.execute((await make_action(client.put_blob))[0])
+        # Far shorter than the 120 s hold: only a wake-up can answer in time.
+        response = await asyncio.wait_for(holding, 30)
+        assert await _names(response.assignments) == [op.name]
+
+
 async def test_a_draining_worker_gets_no_new_work(plugin_manager, tmp_path):
     async with coordinator(plugin_manager, tmp_path / "data") as (running, client):
         digest, _ = await make_action(client.put_blob)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import aiohttp
 import pytest
@@ -237,3 +238,58 @@ async def test_a_worker_without_an_id_is_rejected(plugin_manager, tmp_path):
     async with coordinator(plugin_manager, tmp_path / "data") as (running, _):
         status, body = await _post(f"{running.url}/v1/workers/synchronize", {"worker_id": ""})
         assert status == 400 and body["error"]["code"] == "invalid_argument"
+
+
+# -- execute with inline blobs, waiting for the result --------------------------------------
+
+
+def _collector(blobs: dict):
+    async def put(digest, data):
+        blobs[digest] = data
+
+    return put
+
+
+async def test_execute_stores_inline_blobs_and_answers_once_done_when_asked_to_wait(
+    plugin_manager, tmp_path
+):
+    async with coordinator(plugin_manager, tmp_path / "data") as (_, client):
+        blobs: dict = {}
+        digest, _ = await make_action(_collector(blobs))
+        worker = FakeWorker(client, "w1")
+        stop = asyncio.Event()
+        serving = asyncio.create_task(worker.serve(stop, wait_s=0.5))
+        op = await client.execute(digest, blobs=blobs, wait_s=60)
+        stop.set()
+        await serving
+        assert op.done and op.status == "ok" and op.result is not None
+        assert op.result.exit_code == 0 and op.worker == "w1"
+        assert await client.find_missing(blobs) == []  # the blobs are in the CAS
+
+
+async def test_an_inline_blob_that_does_not_match_its_digest_is_refused_and_nothing_queued(
+    plugin_manager, tmp_path
+):
+    async with coordinator(plugin_manager, tmp_path / "data") as (running, client):
+        blobs: dict = {}
+        digest, action = await make_action(_collector(blobs))
+        forged = {**blobs, action.command_digest: b"x" * action.command_digest.size}
+        body = {"action_digest": str(digest),
+                "blobs": {str(d): base64.b64encode(data).decode() for d, data in forged.items()}}
+        status, answer = await _post(f"{running.url}/v1/execute", body)
+        assert status == 400 and answer["error"]["code"] == "digest_mismatch"
+        assert (await client.status()).queued == 0
+        assert await client.find_missing([action.command_digest]) == [action.command_digest]
+
+
+async def test_concurrent_executions_sending_the_same_new_input_root_inline_all_queue(
+    plugin_manager, tmp_path
+):
+    async with coordinator(plugin_manager, tmp_path / "data") as (_, client):
+        submissions = []
+        for _ in range(8):
+            blobs: dict = {}
+            digest, _ = await make_action(_collector(blobs))  # all share the empty root
+            submissions.append(client.execute(digest, blobs=blobs))
+        ops = await asyncio.gather(*submissions)
+        assert [op.state for op in ops] == ["queued"] * 8

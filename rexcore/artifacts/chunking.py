@@ -31,7 +31,7 @@ __all__ = [
     "chunk_bytes",
     "chunk_digests",
     "chunk_file",
-    "iter_file_chunks",
+    "file_chunk_digests",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -45,9 +45,10 @@ _PIPELINE_MIN = 8 << 20
 _BATCH = 4
 # Batches the cutter may run ahead of the hasher.
 _PIPELINE_DEPTH = 8
-# File reads: blocks of this size (or 2 * max_size), into this many recycled buffers.
-_READ_BLOCK = 4 << 20
-_READ_BUFFERS = 4
+# File reads: blocks of this size (or 2 * max_size), into at most this many buffers at a
+# time per file, recycled between calls.
+_READ_BLOCK = 8 << 20
+_READ_BUFFERS = 3
 
 
 def chunk_bytes(
@@ -89,12 +90,12 @@ def chunk_file(
     function: DigestFunction = DigestFunction.BLAKE3,
 ) -> ChunkManifest:
     """The manifest of a file, read once in large blocks. Blocking: call it in a thread."""
-    chunks, blob = iter_file_chunks(path, params, function, with_blob=True)
+    chunks, blob = file_chunk_digests(path, params, function, with_blob=True)
     assert blob is not None
     return ChunkManifest(blob, params, chunks)
 
 
-def iter_file_chunks(
+def file_chunk_digests(
     path: str | os.PathLike[str],
     params: ChunkingParams,
     function: DigestFunction,
@@ -139,15 +140,49 @@ def _cut_buffer(view: memoryview, params: ChunkingParams) -> Iterator[_Batch]:
         yield batch, None
 
 
+class _BufferPool:
+    """Read buffers kept between calls: on our VMs the page faults of fresh memory cost
+    more than reading the file into memory that was used before."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._idle: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, capacity: int) -> bytearray:
+        with self._lock:
+            for index, buffer in enumerate(self._idle):
+                if len(buffer) == capacity:
+                    return self._idle.pop(index)
+        return bytearray(capacity)
+
+    def give(self, buffer: bytearray) -> None:
+        with self._lock:
+            if len(self._idle) >= self._keep:
+                self._idle.pop(0)
+            self._idle.append(buffer)
+
+
+_POOL = _BufferPool(keep=_READ_BUFFERS)
+
+
 def _cut_file(file: BinaryIO, params: ChunkingParams) -> Iterator[_Batch]:
-    """A file's chunks, one batch per block read. A batch's buffer goes back to the pool
-    when the hasher releases it; the cutter waits for a free one before reading on."""
+    """A file's chunks, one batch per buffer read. A batch's buffer goes back to the pool
+    when the hasher releases it; the cutter holds at most ``_READ_BUFFERS`` at once and
+    waits for a release before reading on."""
     cutter = _cutter(params)
     capacity = max(_READ_BLOCK, 2 * params.max_size) + params.max_size
-    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-    for _ in range(_READ_BUFFERS):
-        free.put(bytearray(capacity))
-    buffer, carried = free.get(), 0
+    slots = threading.Semaphore(_READ_BUFFERS)
+
+    def take() -> bytearray:
+        slots.acquire()
+        return _POOL.take(capacity)
+
+    def release(buffer: bytearray) -> None:
+        _POOL.give(buffer)
+        slots.release()
+
+    buffer, carried = take(), 0
     while True:
         view = memoryview(buffer)
         filled = carried + _read_into(file, view[carried:])
@@ -160,14 +195,14 @@ def _cut_file(file: BinaryIO, params: ChunkingParams) -> Iterator[_Batch]:
         while start < filled and (at_end or filled - start >= params.max_size):
             batch.append(next(pieces).data)
             start += len(batch[-1])
-        release = functools.partial(free.put, buffer)
+        done = functools.partial(release, buffer)
         if at_end:
-            yield batch, release
+            yield batch, done
             return
-        following = free.get()
+        following = take()
         carried = filled - start
         following[:carried] = view[start:filled]
-        yield batch, release
+        yield batch, done
         buffer = following
 
 

@@ -302,8 +302,13 @@ def _publish_temp(temp: TempFile, target: str, stamp: int, fsync: bool, mode: in
 
 
 def _put_small(
-    temp_dir: str, target: str, digest: Digest, data: bytes | memoryview, stamp: int,
-    fsync: bool, mode: int,
+    temp_dir: str,
+    target: str,
+    digest: Digest,
+    data: bytes | memoryview,
+    stamp: int,
+    fsync: bool,
+    mode: int,
 ) -> str | bool:
     """Verify and publish a whole in-memory blob: the actual hash if it does not match,
     else whether the blob was new."""
@@ -321,7 +326,9 @@ def _put_small(
 
 
 def _put_small_many(
-    temp_dir: str, jobs: list[tuple[str, Digest, bytes | memoryview, int]], fsync: bool,
+    temp_dir: str,
+    jobs: list[tuple[str, Digest, bytes | memoryview, int]],
+    fsync: bool,
     mode: int,
 ) -> list[str | bool | OSError]:
     outcomes: list[str | bool | OSError] = []
@@ -603,8 +610,9 @@ class DiskBlobStore(IndexedBlobStore):
         """Store several in-memory blobs; all the small ones in one thread hop. Raises
         the first failure (:class:`DigestMismatchError`, :class:`StoreFullError`...);
         the blobs that were fine are stored all the same."""
-        small = {d: data for d, data in blobs.items()
-                 if len(data) == d.size and 0 < d.size <= _SMALL_PUT}
+        small = {
+            d: data for d, data in blobs.items() if len(data) == d.size and 0 < d.size <= _SMALL_PUT
+        }
         for digest, data in blobs.items():
             if digest not in small:
                 await super().put(digest, data)  # also reports a size mismatch

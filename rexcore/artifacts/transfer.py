@@ -13,7 +13,8 @@ destination (content-defined chunks survive edits), the remote. Every chunk is v
 against its digest before it is written, and the blob against its digest before the rename.
 
 Any :class:`~rexcore.artifacts.manifest.TransferError` leaves nothing committed: no
-destination file, no partial file, no manifest. A cancelled or otherwise interrupted
+destination file, no partial file, no manifest (chunks an upload already stored stay; they
+are verified blobs and make the retry cheaper). A cancelled or otherwise interrupted
 download keeps its partial file for the next attempt.
 """
 
@@ -30,7 +31,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 import attrs
 import zstandard
 
-from rexcore.artifacts.chunking import chunk_file, iter_file_chunks
+from rexcore.artifacts.chunking import chunk_file, file_chunk_digests
 from rexcore.artifacts.digest import Digest, DigestFunction, digest_of
 from rexcore.artifacts.manifest import (
     REAPI_CHUNKING,
@@ -417,7 +418,7 @@ def _copy_from_file(
         return set()
     function = next(iter(wanted)).function
     try:
-        chunks, _ = iter_file_chunks(source, params, function, with_blob=False)
+        chunks, _ = file_chunk_digests(source, params, function, with_blob=False)
         copied: set[Digest] = set()
         with open(source, "rb", buffering=0) as old:
             offset = 0

@@ -250,7 +250,9 @@ async def execute_remotely(
 ) -> ExecutionResult:
     """Upload what is missing, execute ``argv`` remotely, bring outputs back into
     ``workdir``. The exit code is the action's; failures to run raise or set ``status``."""
-    workdir = Path(workdir).resolve()
+    workdir = Path(workdir)
+    if spec.inputs or (fetch_outputs and spec.outputs):  # else no file is read or written
+        workdir = workdir.resolve()
     builder = _TreeBuilder(workdir, function)
     if spec.inputs:
         input_root = await asyncio.to_thread(builder.build, spec.inputs)

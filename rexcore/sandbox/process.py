@@ -85,6 +85,8 @@ _POSIX = os.name == "posix"
 _PR_SET_CHILD_SUBREAPER = 36
 # The descriptor the helper reports on (posix_spawn moves the pipe there).
 _REPORT_FD = 3
+# os.cpu_count() reads /sys on every call; asked once per action otherwise.
+_CPU_COUNT = os.cpu_count() or 1
 # How long finishing keeps SIGKILLing a tree that will not go away (processes stuck in
 # uninterruptible sleep) before it gives up and says so.
 _KILL_PATIENCE_S = 30.0
@@ -651,7 +653,7 @@ class ProcessSandbox:
         if spec.timeout_s is not None and hasattr(resource, "RLIMIT_CPU"):
             # A backstop for a worker that died without stopping the tree: CPU seconds one
             # process could legitimately use before the timeout, plus the grace.
-            cores = max(1.0, float(spec.cpus or os.cpu_count() or 1))
+            cores = max(1.0, float(spec.cpus or _CPU_COUNT))
             soft = math.ceil(spec.timeout_s * cores + self.options.kill_grace_s) + 5
             wanted.append((resource.RLIMIT_CPU, soft, soft + 5))
         limits = []

@@ -24,6 +24,7 @@ the operation status names: ``resource_exhausted`` (429, queue full),
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import math
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rexcore.artifacts.digest import Digest, InvalidDigestError, parse_digest
+from rexcore.artifacts.digest import Digest, InvalidDigestError, digest_of, parse_digest
 from rexcore.artifacts.store import BlobStore, DigestMismatchError, StoreFullError
 from rexcore.protocol.http_server import _ApiError, _json_object  # the API's own error shape
 from rexcore.scheduler.operations import (
@@ -54,6 +55,9 @@ _JSON = "application/json"
 _EXECUTE_KEYS = {"action_digest", "priority", "skip_cache_lookup", "wait_s", "blobs"}
 _PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 _HTTP_STATUS = {"invalid_argument": 400, "unavailable": 503}
+# Inline blobs up to this many bytes in all are hashed on the event loop (microseconds),
+# so they can be stored while the submission commits; more are stored first.
+_VERIFIED_HERE = 64 << 10
 
 
 def add_scheduler_routes(app: web.Application, scheduler: Scheduler) -> None:
@@ -142,11 +146,36 @@ class _SchedulerApi:
             )
         wait_s = _wait_seconds(doc.get("wait_s", 0), "wait_s")
         blobs = self._inline_blobs(doc.get("blobs"))
-        if blobs:
-            await _store_blobs(self._scheduler.runtime.blob_store, blobs)
-        op = await self._scheduler.submit(
-            digest, priority=priority, skip_cache_lookup=skip, blobs=blobs
-        )
+        store = self._scheduler.runtime.blob_store
+        stored: asyncio.Future[None] | None = None
+        try:
+            if sum(map(len, blobs.values())) <= _VERIFIED_HERE:
+                # Checked right here, so storing them can go on beside the submission's
+                # own commit (the scheduler queues the action once both are done).
+                _verify(blobs)
+                if blobs:
+                    stored = asyncio.ensure_future(_put_missing(store, blobs))
+            else:
+                await _put_missing(store, blobs)
+            op = await self._scheduler.submit(
+                digest, priority=priority, skip_cache_lookup=skip, blobs=blobs,
+                blobs_stored=stored,
+            )
+            if stored is not None:
+                await stored
+        except DigestMismatchError as exc:
+            raise _ApiError(400, "digest_mismatch", str(exc)) from None
+        except StoreFullError as exc:
+            raise _ApiError(
+                507, "store_full",
+                f"no room for the request's blobs: {exc}; free disk space or lower the blob "
+                "store's max_size",
+            ) from None
+        finally:
+            if stored is not None:
+                await asyncio.wait([stored])  # never left running
+                if not stored.cancelled():
+                    stored.exception()  # reported above, or superseded by another error
         if wait_s > 0 and not op.done:
             op = await self._scheduler.wait(
                 op.name, min(wait_s, self._scheduler.config.max_long_poll_s)
@@ -241,24 +270,22 @@ def _wait_seconds(value: Any, name: str) -> float:
     return wait_s
 
 
-async def _store_blobs(store: BlobStore, blobs: dict[Digest, bytes]) -> None:
+def _verify(blobs: dict[Digest, bytes]) -> None:
+    for digest, data in blobs.items():
+        actual = digest_of(data, digest.function)
+        if actual != digest:
+            raise DigestMismatchError(digest, actual.hash, len(data))
+
+
+async def _put_missing(store: BlobStore, blobs: dict[Digest, bytes]) -> None:
     """Put the blobs the store lacks, verified, all at once (in one go where the store
     can: the disk store writes small blobs in a single thread hop)."""
     missing = await store.find_missing(blobs)
     if not missing:
         return
     put_many = getattr(store, "put_many", None)
-    try:
-        if put_many is not None:
-            await put_many({digest: blobs[digest] for digest in missing})
-        else:
-            for digest in missing:
-                await store.put(digest, blobs[digest])
-    except DigestMismatchError as exc:
-        raise _ApiError(400, "digest_mismatch", str(exc)) from None
-    except StoreFullError as exc:
-        raise _ApiError(
-            507, "store_full",
-            f"no room for the request's blobs: {exc}; nothing was submitted. Free disk "
-            "space or lower the blob store's max_size",
-        ) from None
+    if put_many is not None:
+        await put_many({digest: blobs[digest] for digest in missing})
+    else:
+        for digest in missing:
+            await store.put(digest, blobs[digest])

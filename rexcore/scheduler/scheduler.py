@@ -32,8 +32,10 @@ Completions (late and duplicate ones)
 
 Persistence
     State is written through :class:`~rexcore.scheduler.persistence.SchedulerDatabase`.
-    ``submit`` and ``cancel`` answer after their write has committed; a completion is
-    committed before any waiter hears of it and before the worker's call is answered. The
+    ``submit`` and ``cancel`` answer after their write has committed (a submitted action
+    is handed to a worker while its write commits: a crash in between loses only an
+    operation nobody was told of); a completion is committed before any waiter hears of
+    it and before the worker's call is answered. The
     hand-out of work to a worker is written without waiting (dispatch stays fast): after a
     crash such an execution may come back queued and, if its worker still reports it as
     executing, is adopted by that worker again instead of being run twice.
@@ -210,6 +212,9 @@ class Scheduler:
         self._reaper_wake = asyncio.Event()
         self._reaper_at = math.inf
         self._background: set[asyncio.Task[Any]] = set()
+        #: Rows of :meth:`_save_later` not handed to the database yet, in order.
+        self._unsaved: list[tuple[Any, ...]] = []
+        self._unsaved_flush = False
         self._running = False
         self._accepting = False
 
@@ -255,6 +260,7 @@ class Scheduler:
             task.cancel()
         if self._background:
             await asyncio.wait(self._background)
+        self._flush_unsaved()
         await self.database.close()
 
     def _check_running(self) -> None:
@@ -272,14 +278,18 @@ class Scheduler:
         priority: int = 0,
         skip_cache_lookup: bool = False,
         blobs: Mapping[Digest, bytes] | None = None,
+        blobs_stored: asyncio.Future[None] | None = None,
     ) -> Operation:
         """Queue an execution of the action ``action_digest`` (already in the CAS).
 
         Returns its operation: completed already on an action-cache hit, else queued (or
         executing, when merged into an identical running action). Raises
         :class:`MissingInputsError`, :class:`InvalidActionError` or :class:`QueueFullError`.
-        ``blobs`` are bytes of CAS blobs the caller has at hand (it just stored them): the
-        Action, Command or input root among them are parsed without reading them back.
+        ``blobs`` are bytes of CAS blobs the caller has at hand, verified against their
+        digests: the Action, Command or input root among them are parsed without reading
+        them back. If the caller is still storing them, ``blobs_stored`` resolves once it
+        has (raising a StorageError if it could not): the operation is persisted
+        meanwhile and queued only then, since workers read the input root from the CAS.
         """
         self._check_running()
         action, action_bytes, command, command_bytes = await self._read_action(
@@ -326,20 +336,34 @@ class Scheduler:
         if execution.cacheable:
             self._in_flight[action_digest] = execution
         self._being_queued += 1
+        committed = self._persist([self._row(one, execution) for one in execution.operations], [])
         try:
-            await self._durable(self._persist(
-                [self._row(one, execution) for one in execution.operations], []
-            ))
-        except SchedulerError as exc:
-            self._retire(execution)
-            for other in list(execution.operations):
-                self._complete(other, status="internal", message=str(exc))
-            self._notify(execution.operations)
+            if blobs_stored is not None:
+                await asyncio.shield(blobs_stored)
+        except StorageError as exc:
+            if self._executions.get(execution.name) is execution:
+                self._finish(execution, status="internal",
+                             message=f"the blobs of action {action_digest} could not be "
+                             f"stored: {exc}")
             raise
         finally:
             self._being_queued -= 1
+        # Queued while its row commits: a worker may start on it at once, and the caller
+        # hears of the operation only once it is committed. A crash in between loses an
+        # operation nobody was told of; its worker is told to cancel it.
         if execution.state == "queued" and self._executions.get(execution.name) is execution:
             self._enqueue(execution)
+        try:
+            await self._durable(committed)
+        except SchedulerError as exc:
+            if self._executions.get(execution.name) is execution:
+                if execution.state == "executing" and execution.worker:
+                    self._cancel_on_worker(execution.worker, execution.name)
+                self._retire(execution)
+                for other in list(execution.operations):
+                    self._complete(other, status="internal", message=str(exc))
+                self._notify(execution.operations)
+            raise
         return op
 
     async def _merge(self, op: Operation, execution: _Execution) -> Operation:
@@ -401,11 +425,11 @@ class Scheduler:
             if digest in loaded:
                 continue
             parsed = self._parsed.get((cls, digest))
-            if parsed is not None:
+            if digest in at_hand:  # stored by the caller (it may still be storing it)
+                loaded[digest] = at_hand[digest]
+            elif parsed is not None:
                 present = cls is Action or not await store.find_missing([digest])
                 loaded[digest] = parsed[1] if present else BlobNotFoundError(digest)
-            elif digest in at_hand:
-                loaded[digest] = at_hand[digest]
             else:
                 to_read.append(digest)
         if not to_read:
@@ -680,10 +704,11 @@ class Scheduler:
         except TimeoutError:
             pass
         finally:
+            # Only while this call is still the held one: a newer call of the same worker
+            # may hold by now, and must stay findable by _enqueue.
             if worker.waiter is waiter:
                 worker.waiter = None
-            if self._waiting.get(worker.id) is worker:
-                del self._waiting[worker.id]
+                self._waiting.pop(worker.id, None)
 
     def _wake(self, worker: _Worker) -> None:
         waiter, worker.waiter = worker.waiter, None
@@ -882,7 +907,23 @@ class Scheduler:
             op.started_at = execution.started_at
 
     def _save_later(self, execution: _Execution) -> None:
-        self._persist([self._row(op, execution) for op in execution.operations], [])
+        """Write the execution's rows as they are now, without waiting: in the next turn
+        of the loop, after the callbacks already due (a worker call woken with this very
+        work is answered first), together with other such rows."""
+        self._unsaved.extend(self._row(op, execution) for op in execution.operations)
+        if not self._unsaved_flush:
+            self._unsaved_flush = True
+            asyncio.get_running_loop().call_later(0, self._flush_unsaved)
+
+    def _flush_unsaved(self) -> None:
+        self._unsaved_flush = False
+        count = len(self._unsaved)
+        if count:
+            try:
+                self._persist([], [])
+            except SchedulerError as exc:  # the database is closed: rexd is stopping
+                log.error("scheduler: %d row(s) not written: %s", count, exc)
+                self._unsaved.clear()
 
     def _persist(
         self, rows: list[tuple[Any, ...]], completed: list[Operation],
@@ -890,6 +931,8 @@ class Scheduler:
     ) -> asyncio.Future[None]:
         """Write ``rows``; once committed (and ``after`` is done), tell the waiters of the
         ``completed`` operations."""
+        if self._unsaved:  # rows written later go first: writes keep their order
+            rows, self._unsaved = [*self._unsaved, *rows], []
         if not rows:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)

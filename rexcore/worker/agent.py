@@ -4,7 +4,8 @@ One :class:`WorkerAgent` per worker process (``rexd worker``). Its loop keeps on
 ``synchronize`` call open as a long poll while it has a free slot, so a new action
 reaches it at once; whenever it has news (an action finished, a drain began) it sends a
 new call straight away, which supersedes the held one (the coordinator answers that one
-empty). A call that fails is retried with backoff; finished results stay queued until a
+empty), unless a call with news is still unanswered: then the news waits for its answer.
+A call that fails is retried with backoff; finished results stay queued until a
 call carrying them succeeds, so a coordinator that was unreachable for a while still gets
 every result.
 
@@ -227,6 +228,7 @@ class WorkerAgent:
         self.exec_dir = self.data_dir / "exec"
         self._downloads = self.data_dir / "downloads"
         self._streams = _StreamFiles(self.data_dir / "streams")
+        self._runs = 0
         if shared_store_root is not None:
             self.store = DiskBlobStore(Path(shared_store_root), max_size=None, scan=False)
         else:
@@ -373,7 +375,11 @@ class WorkerAgent:
                 now = time.monotonic()
                 heartbeat = last_call + self._lease_s / 3  # a held call renews it too
                 idle_and_able = not calls and self._free_slots() > 0 and not self._draining
-                if now >= retry_at and (news or idle_and_able or (not calls and now >= heartbeat)):
+                # At most two calls in flight (the held one and one with news): a third
+                # could be sent before an answer carrying work arrived, and the
+                # coordinator takes work that two later calls do not list as lost.
+                if now >= retry_at and len(calls) < 2 and (
+                        news or idle_and_able or (not calls and now >= heartbeat)):
                     request = self._request()
                     calls[asyncio.ensure_future(self.client.synchronize(request))] = request
                     news, last_call = False, now
@@ -482,7 +488,9 @@ class WorkerAgent:
         name = assignment.operation
         meta: dict[str, Any] = {"worker": self.worker_id, "queued_at": assignment.queued_at,
                                 "worker_start": time.time()}
-        exec_root = self.exec_dir / _operation_dir_name(name)
+        # Numbered: a repeated delivery never meets the dir of an earlier run.
+        self._runs += 1
+        exec_root = self.exec_dir / f"{self._runs}-{_operation_dir_name(name)}"
         streams = self._streams.acquire()
         stdout_path, stderr_path = streams.paths
         staged = None
