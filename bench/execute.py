@@ -33,11 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _rexd import start_rexd, stop_rexd  # noqa: E402
+from _rexd import start_rexd, stop_rexd
 
-from rexcore.core.remote_action import execute_remotely  # noqa: E402
-from rexcore.protocol.client import RexClient  # noqa: E402
-from rexcore.serialization.sandbox_spec import SandboxSpec  # noqa: E402
+from rexcore.core.remote_action import execute_remotely
+from rexcore.protocol.client import RexClient
+from rexcore.serialization.sandbox_spec import SandboxSpec
 
 _SPEC = SandboxSpec()
 _counter = itertools.count()
