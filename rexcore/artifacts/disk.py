@@ -367,6 +367,11 @@ class DiskBlobStore(IndexedBlobStore):
         #: another process's root (a local worker on the coordinator's) skips that: it
         #: finds each blob on first use, with one stat.
         self._scan_on_open = scan
+        # A store that scans its root owns it: blobs another process publishes there reach
+        # its index through refresh() (the scheduler refreshes each result's outputs), so
+        # a miss costs no stat. A store opened without a scan shares a root it does not
+        # own (a local worker's), and looks on disk when its index misses.
+        self._shared = not scan
         self._temp_dir = os.path.join(self._root, "tmp")
         self._fsync = fsync
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -443,7 +448,9 @@ class DiskBlobStore(IndexedBlobStore):
                 await self._drop(victims)
 
     def _touch(self, digest: Digest) -> bool:
-        if not self._index.touch(digest) and not self._adopt(digest, self._stat_blob(digest)):
+        if not self._index.touch(digest) and not (
+            self._shared and self._adopt(digest, self._stat_blob(digest))
+        ):
             return False
         self._note_use(digest)
         return True
@@ -473,6 +480,8 @@ class DiskBlobStore(IndexedBlobStore):
                 unindexed.append(digest)
         if not unindexed:
             return []
+        if not self._shared:
+            return unindexed
         if len(unindexed) <= _INLINE_STATS:
             present = [self._stat_blob(digest) for digest in unindexed]
         else:

@@ -633,6 +633,7 @@ class Scheduler:
         holder = execution.state == "executing" and execution.worker == worker.id
         result = completion.result
         if result is not None and not completion.error:
+            self._adopt_outputs(result)
             if completion.timed_out:
                 return self._finish(
                     execution, result=result, status="deadline_exceeded", ran=True,
@@ -660,6 +661,14 @@ class Scheduler:
             )
         self._lose(execution, f"worker {worker.id} failed to run it: {error}")
         return None
+
+    def _adopt_outputs(self, result: ActionResult) -> None:
+        """Local workers publish outputs straight into the shared disk store, which does
+        not look on disk for blobs it did not write itself; one stat each shows them."""
+        refresh = getattr(self.runtime.blob_store, "refresh", None)
+        if refresh is not None:
+            for digest in result.blob_digests():
+                refresh(digest)
 
     async def _cache_result(self, worker_id: str, digest: Digest, result: ActionResult) -> None:
         try:
