@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
+import orjson
 
 from rexcore.artifacts._files import TempFile, remove_file, remove_stale_temps, replace_atomically
 from rexcore.artifacts.digest import Digest, DigestFunction
@@ -29,6 +31,7 @@ from rexcore.serialization.action_result import ActionResult
 __all__ = [
     "ActionCache",
     "ActionCacheOptions",
+    "CachedResult",
     "MissingBlobsError",
     "create_action_cache",
 ]
@@ -61,12 +64,14 @@ class MissingBlobsError(StorageError):
         )
 
 
-@attrs.frozen
-class _Entry:
-    """An entry file: the action digest it is for guards against misplaced files."""
+class CachedResult(Protocol):
+    """What an action cache can hold: an attrs class of the wire codec that names every
+    blob it refers to (the entry is served only while all of them are in the store)."""
 
-    action_digest: Digest
-    result: ActionResult
+    def blob_digests(self) -> Iterable[Digest]: ...
+
+
+R = TypeVar("R", bound=CachedResult)
 
 
 def _key(digest: Digest) -> _Key:
@@ -90,7 +95,12 @@ def _scan(root: str) -> set[_Key]:
     return keys
 
 
-def _load(path: str, action_digest: Digest) -> ActionResult | None:
+def _encode_entry(action_digest: Digest, result: Any) -> bytes:
+    """An entry file: the action digest it is for guards against misplaced files."""
+    return orjson.dumps({"action_digest": str(action_digest), "result": codec.unstructure(result)})
+
+
+def _load(path: str, action_digest: Digest, result_type: type[R]) -> R | None:
     """The stored result, or None when the file is gone or corrupt (then removed)."""
     try:
         with open(path, "rb") as file:
@@ -98,10 +108,10 @@ def _load(path: str, action_digest: Digest) -> ActionResult | None:
     except FileNotFoundError:
         return None
     try:
-        entry = codec.decode(data, _Entry)
-        if _key(entry.action_digest) == _key(action_digest):
-            return entry.result
-    except (codec.WireFormatError, ValueError):
+        entry = orjson.loads(data)
+        if entry["action_digest"] == str(action_digest):
+            return codec.structure(entry["result"], result_type)
+    except (codec.WireFormatError, ValueError, TypeError, KeyError):
         pass
     remove_file(path)
     return None
@@ -116,22 +126,26 @@ def _store(temp_dir: str, path: str, data: bytes) -> None:
         temp.remove()
 
 
-class ActionCache:
+class ActionCache(Generic[R]):
     """Action results by action digest, persisted under ``root``, served from memory.
 
     Construction does no I/O; the first call (or :meth:`open`) lists the stored keys.
+    ``result_type`` is what the entries hold: rex's :class:`ActionResult` unless a protocol
+    keeps results of its own form (``rex-reapi`` keeps REAPI results in a cache of its own).
     """
 
     def __init__(
-        self, root: Path, blob_store: BlobStore, options: ActionCacheOptions = ActionCacheOptions()
+        self, root: Path, blob_store: BlobStore, options: ActionCacheOptions = ActionCacheOptions(),
+        result_type: type[R] = ActionResult,  # type: ignore[assignment]
     ) -> None:
         self.root = root
+        self._result_type = result_type
         self._root = str(root)
         self._temp_dir = os.path.join(self._root, "tmp")
         self._blob_store = blob_store
         self._options = options
         self._keys: set[_Key] | None = None
-        self._results: OrderedDict[_Key, ActionResult] = OrderedDict()
+        self._results: OrderedDict[_Key, R] = OrderedDict()
         self._load_lock = asyncio.Lock()
         self._closed = False
 
@@ -162,7 +176,7 @@ class ActionCache:
                         raise self._fail("open", exc) from exc
         return self._keys
 
-    def _remember(self, key: _Key, result: ActionResult) -> None:
+    def _remember(self, key: _Key, result: R) -> None:
         if not self._options.max_entries_in_memory:
             return
         self._results[key] = result
@@ -170,7 +184,7 @@ class ActionCache:
         if len(self._results) > self._options.max_entries_in_memory:
             self._results.popitem(last=False)
 
-    async def get(self, action_digest: Digest) -> ActionResult | None:
+    async def get(self, action_digest: Digest) -> R | None:
         """The cached result, or None if there is none or some of its blobs are gone."""
         keys = await self._ready()
         key = _key(action_digest)
@@ -181,7 +195,8 @@ class ActionCache:
             return None
         else:
             try:
-                result = await asyncio.to_thread(_load, self._path(key), action_digest)
+                result = await asyncio.to_thread(_load, self._path(key), action_digest,
+                                                 self._result_type)
             except OSError as exc:
                 raise self._fail(f"read action {action_digest} from", exc) from exc
             if result is None:
@@ -192,14 +207,14 @@ class ActionCache:
             return None
         return result
 
-    async def put(self, action_digest: Digest, result: ActionResult) -> None:
+    async def put(self, action_digest: Digest, result: R) -> None:
         """Store ``result``; raises :class:`MissingBlobsError` if any of its blobs is missing."""
         keys = await self._ready()
         missing = await self._blob_store.find_missing(result.blob_digests())
         if missing:
             raise MissingBlobsError(action_digest, missing)
         key = _key(action_digest)
-        data = codec.encode(_Entry(action_digest, result))
+        data = _encode_entry(action_digest, result)
         try:
             await asyncio.to_thread(_store, self._temp_dir, self._path(key), data)
         except OSError as exc:

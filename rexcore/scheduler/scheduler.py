@@ -181,6 +181,8 @@ class _Counters:
     failed: int = 0
     cache_hits: int = 0
     cache_lookups: int = 0
+    arrivals: int = 0
+    busy_s: float = 0.0
 
 
 class Scheduler:
@@ -263,6 +265,11 @@ class Scheduler:
         self._flush_unsaved()
         await self.database.close()
 
+    @property
+    def accepting(self) -> bool:
+        """Whether waits and long polls are held: false once the coordinator is stopping."""
+        return self._accepting
+
     def _check_running(self) -> None:
         if not self._running:
             raise SchedulerStoppedError(
@@ -333,6 +340,7 @@ class Scheduler:
         op.execution = execution.name
         self._executions[execution.name] = execution
         self._operations[op.name] = op
+        self._counters.arrivals += 1
         if execution.cacheable:
             self._in_flight[action_digest] = execution
         self._being_queued += 1
@@ -876,6 +884,8 @@ class Scheduler:
         self._retire(execution)
         if ran:
             self._counters.total += 1
+            if execution.started_at is not None:  # service times feed the pool's policy
+                self._counters.busy_s += max(0.0, time.time() - execution.started_at)
             if status == "ok" and result is not None and result.exit_code == 0:
                 self._counters.successful += 1
             else:
@@ -1128,7 +1138,13 @@ class Scheduler:
             cache_lookups=lookups,
             cache_hit_rate=counters.cache_hits / lookups if lookups else 0.0,
             uptime_s=time.time() - self._started_at if self._running else 0.0,
+            arrivals=counters.arrivals,
+            busy_s=counters.busy_s,
         )
+
+    def worker_loads(self) -> dict[str, int]:
+        """Actions each joined worker runs right now, by worker id (what the pool drains by)."""
+        return {worker.id: len(worker.executing) for worker in self._workers.values()}
 
 
 def _when_both(first: asyncio.Future[Any], second: asyncio.Future[Any]) -> asyncio.Future[None]:

@@ -131,6 +131,9 @@ class Action:
     timeout_s: float | None = None
     do_not_cache: bool = False
     platform: tuple[tuple[str, str], ...] = ()
+    #: Puts the action in a cache namespace of its own (REAPI ``Action.salt``, as hex):
+    #: changing it disowns every result cached under the old one.
+    salt: str = ""
 
 
 def canonical_bytes(obj: object) -> bytes:

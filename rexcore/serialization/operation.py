@@ -78,6 +78,10 @@ class SchedulerMetrics:
     #: ``cache_hits / cache_lookups`` (0 before the first lookup).
     cache_hit_rate: float = 0.0
     uptime_s: float = 0.0
+    #: Executions queued (merged and cached submissions excluded): the pool's arrival rate.
+    arrivals: int = 0
+    #: Seconds workers spent running the ``total_executions``: the pool's service time.
+    busy_s: float = 0.0
 
 
 @attrs.frozen

@@ -1,0 +1,414 @@
+"""ContentAddressableStorage, ByteStream and Capabilities."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import attrs
+import grpc
+import zstandard
+from google.rpc import code_pb2
+
+from rex_reapi.backend import ReapiBackend, streaming, unary
+from rex_reapi.convert import invalid
+from rex_reapi.digests import function_value, to_proto, to_rex
+from rex_reapi.errors import ReapiError, rpc_status
+from rex_reapi.proto import bytestream_pb2 as bs_pb2
+from rex_reapi.proto import bytestream_pb2_grpc as bs_grpc
+from rex_reapi.proto import remote_execution_pb2 as re_pb2
+from rex_reapi.proto import remote_execution_pb2_grpc as re_grpc
+from rex_reapi.proto import semver_pb2
+from rex_reapi.resource_names import parse_read_name, parse_write_name
+from rexcore.artifacts.digest import Digest
+from rexcore.artifacts.store import (
+    BlobNotFoundError,
+    BlobWriter,
+    DigestMismatchError,
+    StorageError,
+    StoreFullError,
+)
+
+__all__ = ["ByteStreamService", "CapabilitiesService", "CasService"]
+
+_Compressor = re_pb2.Compressor.Value
+#: Unfinished ByteStream uploads are kept this long after their last message, for resume.
+UPLOAD_IDLE_S = 600.0
+#: REAPI versions served: 2.0 (Bazel 4) through 2.3.
+LOW_API = semver_pb2.SemVer(major=2, minor=0)
+HIGH_API = semver_pb2.SemVer(major=2, minor=3)
+
+
+class CapabilitiesService(re_grpc.CapabilitiesServicer):
+    def __init__(self, backend: ReapiBackend) -> None:
+        self.backend = backend
+
+    @unary
+    async def GetCapabilities(self, request: re_pb2.GetCapabilitiesRequest,
+                              context: grpc.aio.ServicerContext) -> re_pb2.ServerCapabilities:
+        backend = self.backend
+        backend.check_instance(request.instance_name)
+        functions = [function_value(f) for f in backend.functions]
+        capabilities = re_pb2.ServerCapabilities(
+            cache_capabilities=re_pb2.CacheCapabilities(
+                digest_functions=functions,
+                action_cache_update_capabilities=re_pb2.ActionCacheUpdateCapabilities(
+                    update_enabled=backend.updates_allowed),
+                max_batch_total_size_bytes=backend.options.max_batch_total_size,
+                symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.DISALLOWED,
+                supported_compressors=[_Compressor.ZSTD],
+                supported_batch_update_compressors=[_Compressor.ZSTD],
+            ),
+            deprecated_api_version=LOW_API,
+            low_api_version=LOW_API,
+            high_api_version=HIGH_API,
+        )
+        scheduler = backend.runtime.scheduler
+        if scheduler is not None:
+            capabilities.execution_capabilities.CopyFrom(re_pb2.ExecutionCapabilities(
+                digest_function=functions[0],
+                digest_functions=functions,
+                exec_enabled=True,
+                execution_priority_capabilities=re_pb2.PriorityCapabilities(priorities=[
+                    re_pb2.PriorityCapabilities.PriorityRange(min_priority=-(2**31),
+                                                              max_priority=2**31 - 1)]),
+            ))
+        return capabilities
+
+
+def _decompress(data: bytes, digest: Digest) -> bytes:
+    try:
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=digest.size)
+    except zstandard.ZstdError as exc:
+        raise invalid(f"blob {digest}: the zstd data does not decompress: {exc}") from None
+
+
+class CasService(re_grpc.ContentAddressableStorageServicer):
+    def __init__(self, backend: ReapiBackend) -> None:
+        self.backend = backend
+
+    @unary
+    async def FindMissingBlobs(self, request: re_pb2.FindMissingBlobsRequest,
+                               context: grpc.aio.ServicerContext) -> re_pb2.FindMissingBlobsResponse:
+        self.backend.check_instance(request.instance_name)
+        function = self.backend.function(request.digest_function)
+        digests = [to_rex(d, function, "blob_digests") for d in request.blob_digests]
+        missing = await self.backend.store.find_missing(digests)
+        return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[to_proto(d) for d in missing])
+
+    def _check_batch(self, sizes: list[int], what: str) -> None:
+        total, limit = sum(sizes), self.backend.options.max_batch_total_size
+        if total > limit:
+            raise invalid(f"{what} of {total} bytes is over the limit of {limit} bytes "
+                          "(max_batch_total_size_bytes); use ByteStream for large blobs")
+
+    @unary
+    async def BatchUpdateBlobs(self, request: re_pb2.BatchUpdateBlobsRequest,
+                               context: grpc.aio.ServicerContext) -> re_pb2.BatchUpdateBlobsResponse:
+        backend = self.backend
+        backend.check_instance(request.instance_name)
+        function = backend.function(request.digest_function)
+        self._check_batch([len(r.data) for r in request.requests], "BatchUpdateBlobs")
+
+        async def update(one: re_pb2.BatchUpdateBlobsRequest.Request) -> object:
+            try:
+                digest = to_rex(one.digest, function, "digest")
+                if one.compressor == _Compressor.ZSTD:
+                    data = _decompress(one.data, digest)
+                elif one.compressor == _Compressor.IDENTITY:
+                    data = one.data
+                else:
+                    raise invalid(f"compressor {one.compressor} is not served (use ZSTD)")
+                await backend.store.put(digest, data)
+                return rpc_status(code_pb2.OK)
+            except ReapiError as exc:
+                return exc.status()
+            except DigestMismatchError as exc:
+                return rpc_status(code_pb2.INVALID_ARGUMENT, str(exc))
+            except StoreFullError as exc:
+                return rpc_status(code_pb2.RESOURCE_EXHAUSTED, str(exc))
+            except StorageError as exc:
+                return rpc_status(code_pb2.INTERNAL, str(exc))
+
+        statuses = await asyncio.gather(*(update(one) for one in request.requests))
+        return re_pb2.BatchUpdateBlobsResponse(responses=[
+            re_pb2.BatchUpdateBlobsResponse.Response(digest=one.digest, status=status)
+            for one, status in zip(request.requests, statuses)
+        ])
+
+    @unary
+    async def BatchReadBlobs(self, request: re_pb2.BatchReadBlobsRequest,
+                             context: grpc.aio.ServicerContext) -> re_pb2.BatchReadBlobsResponse:
+        backend = self.backend
+        backend.check_instance(request.instance_name)
+        function = backend.function(request.digest_function)
+        digests = [to_rex(d, function, "digests") for d in request.digests]
+        self._check_batch([d.size for d in digests], "BatchReadBlobs")
+        blobs = await asyncio.gather(*(backend.store.get(d) for d in digests),
+                                     return_exceptions=True)
+        response = re_pb2.BatchReadBlobsResponse()
+        for proto, digest, blob in zip(request.digests, digests, blobs):
+            one = response.responses.add(digest=proto)
+            if isinstance(blob, BlobNotFoundError):
+                one.status.CopyFrom(rpc_status(code_pb2.NOT_FOUND, f"blob {digest} is not in the CAS"))
+            elif isinstance(blob, StorageError):
+                one.status.CopyFrom(rpc_status(code_pb2.INTERNAL, str(blob)))
+            elif isinstance(blob, BaseException):
+                raise blob
+            else:
+                one.data = blob
+                one.status.CopyFrom(rpc_status(code_pb2.OK))
+        return response
+
+    @streaming
+    async def GetTree(self, request: re_pb2.GetTreeRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[re_pb2.GetTreeResponse]:
+        backend = self.backend
+        backend.check_instance(request.instance_name)
+        function = backend.function(request.digest_function)
+        root = to_rex(request.root_digest, function, "root_digest")
+        if request.page_size < 0:
+            raise invalid(f"page_size {request.page_size} is negative")
+        page_size = min(request.page_size or backend.options.max_tree_page_size,
+                        backend.options.max_tree_page_size)
+        skip = _page_offset(request.page_token)
+        # Breadth-first, children in Directory order, each directory once: stable for one
+        # tree, so a page token (an offset into that order) resumes where a page ended.
+        seen: set[Digest] = {root}
+        level = [root]
+        position = 0
+        page = re_pb2.GetTreeResponse()
+        first = True
+        while level:
+            blobs = await asyncio.gather(*(backend.store.get(d) for d in level),
+                                         return_exceptions=True)
+            next_level: list[Digest] = []
+            for digest, blob in zip(level, blobs):
+                if isinstance(blob, BlobNotFoundError):
+                    if first:
+                        raise ReapiError(grpc.StatusCode.NOT_FOUND,
+                                         f"the tree root {digest} is not in the CAS")
+                    continue  # the spec: return what is present, omit the rest
+                if isinstance(blob, BaseException):
+                    raise blob
+                first = False
+                directory = re_pb2.Directory()
+                try:
+                    directory.ParseFromString(blob)
+                except Exception:
+                    raise invalid(f"directory {digest} is not a valid Directory message") from None
+                for node in directory.directories:
+                    child = to_rex(node.digest, function, "directory node")
+                    if child not in seen:
+                        seen.add(child)
+                        next_level.append(child)
+                if position >= skip:
+                    page.directories.append(directory)
+                    if len(page.directories) >= page_size:
+                        page.next_page_token = _page_token(position + 1)
+                        yield page
+                        page = re_pb2.GetTreeResponse()
+                position += 1
+            level = next_level
+        if page.directories or position <= skip:
+            yield page
+
+
+def _page_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"rex-tree:{offset}".encode()).decode()
+
+
+def _page_offset(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+        prefix, _, number = text.partition(":")
+        if prefix == "rex-tree" and number.isdigit():
+            return int(number)
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise invalid(f"page_token {token!r} was not issued by this server's GetTree")
+
+
+@attrs.define(eq=False)
+class _Upload:
+    """An unfinished ByteStream write: what has arrived, for QueryWriteStatus and resume."""
+
+    digest: Digest
+    compressed: bool
+    writer: BlobWriter
+    #: Bytes received so far, counted as the client counts write_offset.
+    received: int = 0
+    decompressor: zstandard.ZstdDecompressionObj | None = None
+    written: int = 0
+    last_used: float = attrs.field(factory=time.monotonic)
+    lock: asyncio.Lock = attrs.field(factory=asyncio.Lock)
+
+
+class ByteStreamService(bs_grpc.ByteStreamServicer):
+    def __init__(self, backend: ReapiBackend) -> None:
+        self.backend = backend
+        self._uploads: dict[str, _Upload] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for upload in self._uploads.values():
+            with contextlib.suppress(Exception):
+                await upload.writer.abort()
+        self._uploads.clear()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(UPLOAD_IDLE_S / 4)
+            now = time.monotonic()
+            for name, upload in list(self._uploads.items()):
+                if now - upload.last_used > UPLOAD_IDLE_S and not upload.lock.locked():
+                    self._uploads.pop(name, None)
+                    with contextlib.suppress(Exception):
+                        await upload.writer.abort()
+
+    @streaming
+    async def Read(self, request: bs_pb2.ReadRequest,
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[bs_pb2.ReadResponse]:
+        backend = self.backend
+        name = parse_read_name(request.resource_name, backend.functions)
+        backend.check_instance(name.instance_name)
+        digest = name.digest
+        if request.read_offset < 0 or request.read_offset > digest.size:
+            raise ReapiError(grpc.StatusCode.OUT_OF_RANGE,
+                             f"read_offset {request.read_offset} is outside blob {digest} "
+                             f"(0..{digest.size})")
+        if request.read_limit < 0:
+            raise ReapiError(grpc.StatusCode.OUT_OF_RANGE,
+                             f"read_limit {request.read_limit} is negative")
+        if name.compressor != "identity" and request.read_limit:
+            raise invalid("read_limit must be 0 when reading compressed-blobs/")
+        limit = request.read_limit or None
+        chunk = backend.options.read_chunk_size
+        try:
+            stream = backend.store.read(digest, request.read_offset, limit)
+            if name.compressor == "zstd":
+                compressor = zstandard.ZstdCompressor(level=1).compressobj()
+                async for data in stream:
+                    out = compressor.compress(data)
+                    if out:
+                        yield bs_pb2.ReadResponse(data=out)
+                yield bs_pb2.ReadResponse(data=compressor.flush())
+                return
+            async for data in stream:
+                for start in range(0, len(data), chunk):
+                    yield bs_pb2.ReadResponse(data=data[start:start + chunk])
+        except BlobNotFoundError:
+            raise ReapiError(grpc.StatusCode.NOT_FOUND, f"blob {digest} is not in the CAS") from None
+
+    @unary
+    async def Write(self, request_iterator: AsyncIterator[bs_pb2.WriteRequest],
+                    context: grpc.aio.ServicerContext) -> bs_pb2.WriteResponse:
+        backend = self.backend
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep())
+        resource = ""
+        upload: _Upload | None = None
+        try:
+            async for request in request_iterator:
+                if upload is None:
+                    resource = request.resource_name
+                    if not resource:
+                        raise invalid("the first WriteRequest must name the resource")
+                    name = parse_write_name(resource, backend.functions)
+                    backend.check_instance(name.instance_name)
+                    digest, compressed = name.digest, name.compressor != "identity"
+                    existing = self._uploads.get(resource)
+                    if existing is None:
+                        if await backend.store.contains(digest):
+                            return bs_pb2.WriteResponse(
+                                committed_size=-1 if compressed else digest.size)
+                        existing = _Upload(
+                            digest, compressed, backend.store.open_write(digest),
+                            decompressor=zstandard.ZstdDecompressor().decompressobj()
+                            if compressed else None)
+                        self._uploads[resource] = existing
+                    if existing.lock.locked():
+                        raise ReapiError(grpc.StatusCode.ABORTED,
+                                         f"another Write to {resource} is in progress")
+                    await existing.lock.acquire()
+                    upload = existing
+                elif request.resource_name and request.resource_name != resource:
+                    raise invalid(f"resource_name changed within one Write ({resource} -> "
+                                  f"{request.resource_name})")
+                if await self._receive(upload, request, resource):
+                    return bs_pb2.WriteResponse(
+                        committed_size=-1 if upload.compressed else upload.digest.size)
+        finally:
+            if upload is not None:
+                upload.lock.release()
+        if upload is None:
+            raise invalid("Write received no requests")
+        raise invalid(f"the Write to {resource} ended without finish_write after "
+                      f"{upload.received} bytes; resume it with write_offset={upload.received}")
+
+    async def _receive(self, upload: _Upload, request: bs_pb2.WriteRequest, resource: str) -> bool:
+        """Take one message; True once the blob is verified and stored."""
+        upload.last_used = time.monotonic()
+        if request.write_offset != upload.received:
+            raise invalid(f"write_offset {request.write_offset} does not continue the upload of "
+                          f"{resource}, which holds {upload.received} bytes; ask "
+                          "QueryWriteStatus where to resume")
+        data = request.data
+        upload.received += len(data)
+        if upload.decompressor is not None:
+            try:
+                data = upload.decompressor.decompress(data)
+            except zstandard.ZstdError as exc:
+                self._drop(resource)
+                raise invalid(f"{resource}: the zstd stream does not decompress: {exc}") from None
+        if upload.written + len(data) > upload.digest.size:
+            self._drop(resource)
+            raise invalid(f"{resource}: more data than the {upload.digest.size} bytes the "
+                          "digest names")
+        if data:
+            try:
+                await upload.writer.write(data)
+            except StorageError:
+                self._drop(resource)
+                raise
+            upload.written += len(data)
+        if not request.finish_write:
+            return False
+        self._uploads.pop(resource, None)
+        if upload.written != upload.digest.size:
+            with contextlib.suppress(Exception):
+                await upload.writer.abort()
+            raise invalid(f"{resource}: finish_write after {upload.written} bytes, but the "
+                          f"digest names {upload.digest.size}")
+        try:
+            await upload.writer.commit()
+        except DigestMismatchError as exc:
+            raise invalid(f"{resource}: {exc}") from None
+        return True
+
+    def _drop(self, resource: str) -> None:
+        upload = self._uploads.pop(resource, None)
+        if upload is not None:
+            task = asyncio.ensure_future(upload.writer.abort())
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    @unary
+    async def QueryWriteStatus(self, request: bs_pb2.QueryWriteStatusRequest,
+                               context: grpc.aio.ServicerContext) -> bs_pb2.QueryWriteStatusResponse:
+        backend = self.backend
+        name = parse_write_name(request.resource_name, backend.functions)
+        backend.check_instance(name.instance_name)
+        upload = self._uploads.get(request.resource_name)
+        if upload is not None:
+            return bs_pb2.QueryWriteStatusResponse(committed_size=upload.received, complete=False)
+        if await backend.store.contains(name.digest):
+            return bs_pb2.QueryWriteStatusResponse(committed_size=name.digest.size, complete=True)
+        raise ReapiError(grpc.StatusCode.NOT_FOUND,
+                         f"no upload {request.resource_name} is in progress; start it at offset 0")

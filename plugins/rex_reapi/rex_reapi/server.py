@@ -1,0 +1,122 @@
+"""The ``reapi`` protocol adapter: one grpc.aio server with every REAPI service on it."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.longrunning import operations_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rex_reapi.action_cache import ActionCacheService
+from rex_reapi.backend import ReapiBackend
+from rex_reapi.cas import ByteStreamService, CapabilitiesService, CasService
+from rex_reapi.execution import ExecutionService, OperationsService, make_operations
+from rex_reapi.options import ReapiOptions
+from rex_reapi.proto import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2
+from rex_reapi.proto import remote_execution_pb2_grpc as re_grpc
+from rexcore.config.types import parse_host_port
+from rexcore.core.runtime import ServiceRuntime
+from rexcore.plugins.descriptors import ComponentContext
+
+__all__ = ["ReapiProtocol", "ReapiProtocolError", "create_reapi_protocol"]
+
+log = logging.getLogger("rex_reapi")
+
+#: Headroom over max_batch_total_size for a batch request's framing (digests, statuses).
+_MESSAGE_SLACK = 1 << 20
+
+
+class ReapiProtocolError(Exception):
+    """The REAPI server is misconfigured (a malformed ``listen`` address)."""
+
+
+def _service_names() -> list[str]:
+    re_services = remote_execution_pb2.DESCRIPTOR.services_by_name
+    names = [re_services[name].full_name for name in
+             ("Execution", "ActionCache", "ContentAddressableStorage", "Capabilities")]
+    names.append(bytestream_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name)
+    names.append("google.longrunning.Operations")
+    return names
+
+
+class ReapiProtocol:
+    """``await start()`` listens, ``await stop()`` drains in-flight calls then stops."""
+
+    scheme = "grpc"
+
+    def __init__(self, options: ReapiOptions, context: ComponentContext,
+                 runtime: ServiceRuntime) -> None:
+        try:
+            self._host, self._port = parse_host_port(options.listen)
+        except ValueError as exc:
+            raise ReapiProtocolError(f"REAPI: bad listen address: {exc}") from None
+        self.options = options
+        self.runtime = runtime
+        self._server: grpc.aio.Server | None = None
+        self._bytestream: ByteStreamService | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._bound_port = 0
+
+    async def start(self) -> None:
+        """Listen and serve; raises OSError when the address cannot be bound."""
+        if self._server is not None:
+            return
+        backend = ReapiBackend(self.runtime, self.options)
+        await backend.cache.open()
+        limit = self.options.max_batch_total_size + _MESSAGE_SLACK
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        operations = make_operations(backend)
+        self._bytestream = ByteStreamService(backend)
+        re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(backend), server)
+        re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(backend), server)
+        re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(backend), server)
+        re_grpc.add_ExecutionServicer_to_server(ExecutionService(backend, operations), server)
+        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(operations), server)
+        bytestream_pb2_grpc.add_ByteStreamServicer_to_server(self._bytestream, server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = _service_names()
+        reflection.enable_server_reflection(
+            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        try:
+            self._bound_port = server.add_insecure_port(f"{host}:{self._port}")
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {self.options.listen}: {exc}") from None
+        if not self._bound_port:
+            raise OSError(f"cannot listen on {self.options.listen}: address in use or invalid")
+        await server.start()
+        for name in ["", *names]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        log.info("REAPI listening on %s", ", ".join(self.addresses))
+
+    async def stop(self) -> None:
+        """Report NOT_SERVING, stop accepting calls, give running ones the grace period."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        await server.stop(self.options.shutdown_grace_s)
+        if self._bytestream is not None:
+            await self._bytestream.close()
+
+    @property
+    def addresses(self) -> list[str]:
+        if self._server is None:
+            return []
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return [f"{host}:{self._bound_port}"]
+
+
+def create_reapi_protocol(options: ReapiOptions, context: ComponentContext,
+                          runtime: ServiceRuntime) -> ReapiProtocol:
+    """The ``reapi`` protocol descriptor's factory."""
+    return ReapiProtocol(options, context, runtime)
