@@ -28,10 +28,16 @@ def _entry_points() -> dict[str, str]:
     return found
 
 
+def _with_testing(plugin: Path) -> str:
+    """The plugin's path, with its ``testing`` extra when it declares one."""
+    project = tomllib.loads((plugin / "pyproject.toml").read_text())["project"]
+    return f"{plugin}[testing]" if "testing" in project.get("optional-dependencies", {}) else str(plugin)
+
+
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     """The whole test suite against an editable install of the core and every plugin."""
-    session.install("-e", ".[testing]", *(arg for p in PLUGINS for arg in ("-e", str(p))))
+    session.install("-e", ".[testing]", *(arg for p in PLUGINS for arg in ("-e", _with_testing(p))))
     session.run("python", "-m", "pytest", *session.posargs)
 
 

@@ -69,7 +69,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         if not backend.updates_allowed:
             why = ("the action cache is switched off (storage.action_cache.enabled)"
                    if not backend.cache_enabled else
-                   "clients may not write it ([protocols.reapi] allow_action_cache_updates)")
+                   "clients may not write it (storage.action_cache.allow_client_updates)")
             raise ReapiError(grpc.StatusCode.PERMISSION_DENIED,
                              f"UpdateActionResult is refused: {why}")
         function = backend.function(request.digest_function)

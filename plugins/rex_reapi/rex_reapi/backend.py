@@ -40,6 +40,9 @@ class ReapiBackend:
         self.results = ResultConverter(self.store)
         cache_config = runtime.config.storage.action_cache
         self.cache_enabled = cache_config.enabled
+        #: UpdateActionResult: refused with PERMISSION_DENIED (and Capabilities says so)
+        #: unless ``storage.action_cache.allow_client_updates``.
+        self.client_updates = cache_config.allow_client_updates
         self.cache: ActionCache[CachedReapiResult] = ActionCache(
             runtime.data_dir / CACHE_DIR, self.store,
             ActionCacheOptions(max_entries_in_memory=cache_config.max_entries_in_memory),
@@ -48,7 +51,7 @@ class ReapiBackend:
 
     @property
     def updates_allowed(self) -> bool:
-        return self.cache_enabled and self.options.allow_action_cache_updates
+        return self.cache_enabled and self.client_updates
 
     def check_instance(self, name: str) -> None:
         if name not in self.instance_names:

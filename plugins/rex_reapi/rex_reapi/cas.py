@@ -361,7 +361,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                           f"{resource}, which holds {upload.received} bytes; ask "
                           "QueryWriteStatus where to resume")
         data = request.data
-        upload.received += len(data)
+        received = upload.received + len(data)
         if upload.decompressor is not None:
             try:
                 data = upload.decompressor.decompress(data)
@@ -375,10 +375,14 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         if data:
             try:
                 await upload.writer.write(data)
-            except StorageError:
+            except BaseException:
+                # Cancelled or failed mid-write, the writer holds an unknown part of this
+                # message (a store writer discards itself): resume must restart at 0.
                 self._drop(resource)
                 raise
             upload.written += len(data)
+        # Counted only once stored, so QueryWriteStatus never claims bytes the blob lacks.
+        upload.received = received
         if not request.finish_write:
             return False
         self._uploads.pop(resource, None)

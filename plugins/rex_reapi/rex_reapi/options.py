@@ -17,9 +17,6 @@ class ReapiOptions:
     listen: HostPort = attrs.field(default=HostPort("127.0.0.1:8980"))
     #: The instance names clients may use; any other is refused with INVALID_ARGUMENT.
     instance_names: tuple[str, ...] = attrs.field(default=("",), converter=tuple)
-    #: Whether clients may write the action cache (UpdateActionResult); when false they
-    #: get PERMISSION_DENIED and Capabilities says ``update_enabled = false``.
-    allow_action_cache_updates: bool = True
     #: The most bytes one BatchUpdateBlobs or BatchReadBlobs may move (announced in
     #: Capabilities); larger transfers go through ByteStream.
     max_batch_total_size: ByteSize = attrs.field(

@@ -1,0 +1,129 @@
+"""A real Bazel building a workspace of genrules: locally vs remotely on rex.
+
+    python bench/bazel_build.py [--genrules 200] [--workers 2] [--jobs 8] [--sandbox auto]
+
+Generates a workspace of ``--genrules`` genrules (chains of small text transformations,
+``--width`` chains side by side), then on one Bazel server (its own output root):
+
+1. ``local_s``: a clean local build with Bazel's default strategy on Linux
+   (``linux-sandbox``);
+2. ``remote_s``: ``bazel clean``, then the same build with ``--remote_executor`` against
+   ``rexd serve --workers N`` on this machine (fresh data dir: every action runs);
+3. ``warm_s``: ``bazel clean`` again, then the remote build, now served entirely from the
+   remote cache.
+
+Both builds use the same ``--jobs``. Prints one JSON object; ``ratio`` is
+``remote_s / local_s``. Needs ``bazel`` (Debian: bazel-bootstrap) and rex-reapi installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def write_workspace(root: Path, genrules: int, width: int) -> None:
+    root.mkdir(parents=True)
+    (root / "WORKSPACE").write_text('workspace(name = "bench")\n')
+    (root / "seed.txt").write_text("".join(f"line {i} of the seed\n" for i in range(200)))
+    rules = []
+    for index in range(genrules):
+        chain, depth = index % width, index // width
+        src = '"seed.txt"' if depth == 0 else f'":g{index - width}"'
+        rules.append(
+            f'genrule(name = "g{index}", srcs = [{src}], outs = ["g{index}.txt"],\n'
+            f'        cmd = "sed -e \'s/line/l{chain}.{depth}/\' $< | sort -r | '
+            f'head -c 20000 > $@ && md5sum $< >> $@")\n'
+        )
+    (root / "BUILD").write_text("".join(rules))
+
+
+def start_rexd(data_dir: Path, workers: int, sandbox: str) -> tuple[subprocess.Popen[str], str]:
+    log = data_dir.parent / "rexd.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rexcore.cli.rexd", "serve", "--data-dir", str(data_dir),
+             "--http", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--workers", str(workers),
+             "--sandbox", sandbox],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        text = log.read_text()
+        found = re.search(r"rexd: reapi listening on grpc://(\S+)", text)
+        if found and text.count(" joined") >= workers:
+            return process, found.group(1)
+        time.sleep(0.1)
+    raise SystemExit(f"bench: rexd did not start serving REAPI:\n{log.read_text()[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--genrules", type=int, default=200)
+    parser.add_argument("--width", type=int, default=20, help="independent chains")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--sandbox", default="auto", help="rex sandbox of the workers")
+    args = parser.parse_args()
+    bazel = shutil.which("bazel")
+    if bazel is None:
+        raise SystemExit("bench: bazel is not installed (apt-get install bazel-bootstrap)")
+    with tempfile.TemporaryDirectory(prefix="rex-bazel-bench-") as tmp:
+        base = Path(tmp)
+        workspace = base / "workspace"
+        write_workspace(workspace, args.genrules, args.width)
+        startup = [bazel, f"--output_user_root={base / 'bazel-root'}", "--max_idle_secs=300"]
+        env = {**os.environ, "HOME": str(base)}
+
+        def run(*command: str) -> float:
+            started = time.perf_counter()
+            result = subprocess.run([*startup, *command], cwd=workspace, env=env,
+                                    capture_output=True, text=True)
+            elapsed = time.perf_counter() - started
+            if result.returncode != 0:
+                raise SystemExit(f"bench: bazel {' '.join(command)} failed:\n"
+                                 f"{result.stderr[-3000:]}")
+            return elapsed
+
+        process, address = start_rexd(base / "rex-data", args.workers, args.sandbox)
+        try:
+            jobs = f"--jobs={args.jobs}"
+            remote = [f"--remote_executor=grpc://{address}", "--spawn_strategy=remote",
+                      "--noremote_local_fallback"]
+            run("build", "--nobuild", "//:all")  # server up, packages loaded: timed builds
+            local_s = run("build", jobs, "//:all")  # compare only the execution phase
+            run("clean")
+            remote_s = run("build", jobs, *remote, "//:all")
+            run("clean")
+            warm_s = run("build", jobs, *remote, "//:all")
+        finally:
+            subprocess.run([*startup, "shutdown"], cwd=workspace, env=env, capture_output=True)
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+    print(json.dumps({
+        "genrules": args.genrules,
+        "workers": args.workers,
+        "jobs": args.jobs,
+        "sandbox": args.sandbox,
+        "local_s": round(local_s, 2),
+        "remote_s": round(remote_s, 2),
+        "ratio": round(remote_s / local_s, 3),
+        "warm_s": round(warm_s, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()
