@@ -15,8 +15,18 @@ from rexcore.plugins.descriptors import (
     ProtocolDescriptor,
     ProviderDescriptor,
     SandboxDescriptor,
+    ScalingPolicyDescriptor,
+)
+from rexcore.pool.scaling.policies import (
+    PredictiveOptions,
+    ReactiveOptions,
+    StaticOptions,
+    create_predictive_policy,
+    create_reactive_policy,
+    create_static_policy,
 )
 from rexcore.providers.local import LocalProviderOptions, create_local_provider
+from rexcore.providers.mock import MockProviderOptions, create_mock_provider
 from rexcore.protocol.http_server import NativeHttpOptions, create_native_protocol
 from rexcore.sandbox.process import (
     ProcessSandboxOptions,
@@ -74,4 +84,26 @@ def rexcore_providers() -> Iterator[ProviderDescriptor]:
     yield ProviderDescriptor(
         name="local", factory=create_local_provider, options_type=LocalProviderOptions,
         description="rexd worker processes on this host, sharing the coordinator's store",
+    )
+    yield ProviderDescriptor(
+        name="mock", factory=create_mock_provider, options_type=MockProviderOptions,
+        description="workers on paper: records calls, configurable start delay and "
+                    "failures (tests and the autoscaling simulator)",
+    )
+
+
+@hookimpl
+def rexcore_scaling_policies() -> Iterator[ScalingPolicyDescriptor]:
+    yield ScalingPolicyDescriptor(
+        name="predictive", factory=create_predictive_policy, options_type=PredictiveOptions,
+        description="sizes for a queue-wait objective from backlog, Erlang C and a "
+                    "forecast over the worker start-up time (the default)",
+    )
+    yield ScalingPolicyDescriptor(
+        name="reactive", factory=create_reactive_policy, options_type=ReactiveOptions,
+        description="utilisation thresholds with cooldowns",
+    )
+    yield ScalingPolicyDescriptor(
+        name="static", factory=create_static_policy, options_type=StaticOptions,
+        description="a fixed size",
     )

@@ -224,16 +224,42 @@ class _DiskBlobWriter(VerifyingWriter):
         super().__init__(digest, store)
         self._temp: TempFile | None = None
         self._buffer = memoryview(bytearray(min(_BATCH, digest.size)))
+        # Write-behind: while one thread hashes a full batch and another writes it, the
+        # next batch fills the other buffer (made for the second batch), so receiving,
+        # hashing and the copy into the page cache run side by side.
+        self._spare: memoryview | None = None
         self._filled = 0
-        # The thread call in progress; a discard waits for it before closing the file.
-        self._inflight: concurrent.futures.Future[Any] | None = None
+        self._submitted = 0
+        # The thread calls in progress; a discard waits for them before closing the file.
+        self._inflight: list[concurrent.futures.Future[Any]] = []
+        # The batch handed to the threads and not yet awaited; a failure surfaces on the
+        # next call (a later write, or the commit).
+        self._behind: list[concurrent.futures.Future[Any]] = []
 
-    async def _call(self, function: Callable[..., T], *args: Any) -> T:
-        self._inflight = self._store._executor.submit(function, *args)
+    async def _wait(self, future: concurrent.futures.Future[T]) -> T:
         try:
-            return await asyncio.wrap_future(self._inflight)
+            return await asyncio.wrap_future(future)
         except OSError as exc:
             raise self._store._write_error(exc, self.digest) from exc
+
+    async def _settle(self) -> None:
+        """Wait for the batch written behind, so each batch is hashed and written in order."""
+        behind = self._behind
+        if not behind:
+            return
+        try:
+            await asyncio.wait([asyncio.wrap_future(f) for f in behind])
+            for future in behind:
+                await self._wait(future)  # done: raises its failure, if any
+        finally:
+            if all(future.done() for future in behind):  # a cancelled wait keeps them
+                self._behind = []
+
+    async def _call(self, function: Callable[..., T], *args: Any) -> T:
+        await self._settle()
+        future = self._store._executor.submit(function, *args)
+        self._inflight = [future]
+        return await self._wait(future)
 
     async def _open(self) -> None:
         self._temp = await self._call(TempFile, self._store._temp_dir, self.digest.hash)
@@ -243,6 +269,7 @@ class _DiskBlobWriter(VerifyingWriter):
         while view:
             if not self._filled and len(view) >= _BATCH:
                 await self._call(_write_and_hash, self._temp, self._hasher, view)
+                self._submitted += len(view)
                 return
             take = min(len(view), len(self._buffer) - self._filled)
             self._buffer[self._filled : self._filled + take] = view[:take]
@@ -252,14 +279,28 @@ class _DiskBlobWriter(VerifyingWriter):
                 await self._flush()
 
     async def _flush(self) -> None:
-        if self._filled:
-            await self._call(
-                _write_and_hash, self._temp, self._hasher, self._buffer[: self._filled]
-            )
-            self._filled = 0
+        """Hand the filled buffer to the threads without waiting; fill the other meanwhile."""
+        if not self._filled:
+            return
+        await self._settle()  # the spare buffer is free once its batch is done
+        assert self._temp is not None
+        batch = self._buffer[: self._filled]
+        executor = self._store._executor
+        self._inflight = self._behind = [
+            executor.submit(self._hasher.update, batch),
+            executor.submit(self._temp.write, batch),
+        ]
+        self._submitted += len(batch)
+        spare = self._spare
+        if spare is None and self._submitted < self.digest.size:
+            spare = memoryview(bytearray(len(self._buffer)))
+        if spare is not None:
+            self._buffer, self._spare = spare, self._buffer
+        self._filled = 0
 
     async def _seal(self) -> str:
         await self._flush()
+        await self._settle()
         return self._hasher.hexdigest()
 
     async def _publish(self) -> None:
@@ -281,8 +322,7 @@ class _DiskBlobWriter(VerifyingWriter):
             return
 
         def discard() -> None:
-            if inflight is not None:
-                concurrent.futures.wait([inflight])  # never close a file a thread writes
+            concurrent.futures.wait(inflight)  # never close a file a thread writes
             temp.remove()
 
         await asyncio.wrap_future(self._store._executor.submit(discard))
@@ -591,6 +631,8 @@ class DiskBlobStore(IndexedBlobStore):
             file, chunk = await self._run(_open_and_read, self._path(digest), offset, remaining)
         except OSError as exc:
             raise self._read_error(exc, digest) from exc
+        # Read-ahead: the next chunk is read in a thread while the caller sends this one.
+        ahead: concurrent.futures.Future[bytes] | None = None
         try:
             while True:
                 if not chunk:
@@ -599,16 +641,23 @@ class DiskBlobStore(IndexedBlobStore):
                         "says; delete the file so the blob is uploaded again"
                     )
                 remaining -= len(chunk)
-                yield chunk
                 if not remaining or file is None:
+                    yield chunk
                     return
+                ahead = self._executor.submit(file.read, min(remaining, _READ_CHUNK))
+                yield chunk
                 try:
-                    chunk = await self._run(file.read, min(remaining, _READ_CHUNK))
+                    chunk = await asyncio.wrap_future(ahead)
                 except OSError as exc:
                     raise self._read_error(exc, digest) from exc
+                ahead = None
         finally:
             if file is not None:
-                file.close()
+                if ahead is not None and not ahead.done():
+                    # Never close a file a thread reads: close it once the read is over.
+                    ahead.add_done_callback(lambda _: file.close())
+                else:
+                    file.close()
 
     async def put(self, digest: Digest, data: bytes | memoryview) -> None:
         """Store an in-memory blob; a small one costs a single thread hop (hash, write,

@@ -259,7 +259,8 @@ def _worker(args: argparse.Namespace) -> int:
     tune_malloc_for_streaming()
 
     async def serve() -> None:
-        chosen = select_sandbox(plugins, args.sandbox).descriptor.name
+        chosen = select_sandbox(plugins, args.sandbox,
+                                raw.get("sandboxes", {}).get(args.sandbox)).descriptor.name
         sandbox = create_sandbox(plugins, chosen, ComponentContext(data_dir=data_dir),
                                  raw.get("sandboxes", {}).get(chosen))
         agent = WorkerAgent(url, token=token, slots=args.slots, properties=properties,

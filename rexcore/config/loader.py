@@ -87,6 +87,8 @@ class ResolvedConfig:
     protocols: tuple[ResolvedComponent, ...]
     #: The worker provider of the pool (``None`` when the pool starts no workers).
     provider: ResolvedComponent | None = None
+    #: The scaling policy (``None`` unless ``pool.enable_autoscale``).
+    policy: ResolvedComponent | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -137,15 +139,20 @@ def resolve_config(config: RexConfig, plugins: PluginManager, source: str = "con
                                     problems)
             if resolved is not None:
                 protocols.append(resolved)
-    provider = None
-    if config.pool.initial_workers:
+    provider = policy = None
+    if config.pool.initial_workers or config.pool.autoscales:
         provider_ref = config.pool.provider
         provider = _resolve_one(plugins, "provider", provider_ref.name, provider_ref.options,
                                 "$.pool.provider", problems)
+    if config.pool.autoscales:
+        pool = config.pool  # enable_predictive = false swaps in reactive, without options
+        options = pool.policy.options if pool.policy_name == pool.policy.name else {}
+        policy = _resolve_one(plugins, "scaling_policy", pool.policy_name, options,
+                              "$.pool.policy", problems)
     if problems:
         raise ConfigError(problems, source)
     assert blob_store is not None
-    return ResolvedConfig(config, blob_store, tuple(protocols), provider)
+    return ResolvedConfig(config, blob_store, tuple(protocols), provider, policy)
 
 
 def effective_config(resolved: ResolvedConfig) -> dict[str, Any]:
@@ -167,5 +174,10 @@ def effective_config(resolved: ResolvedConfig) -> dict[str, Any]:
         data["pool"]["provider"] = {
             "name": resolved.provider.name,
             "options": unstructure_config(resolved.provider.options),
+        }
+    if resolved.policy is not None:
+        data["pool"]["policy"] = {
+            "name": resolved.policy.name,
+            "options": unstructure_config(resolved.policy.options),
         }
     return data

@@ -115,7 +115,8 @@ class Daemon:
         return runtime
 
     async def _start_pool(self, runtime: ServiceRuntime) -> None:
-        from rexcore.pool.pool import WorkerPool
+        from rexcore.pool.errors import PoolError
+        from rexcore.pool.pool import WorkerPool, scheduler_load
         from rexcore.providers.interface import WorkerLaunch
 
         config = self.resolved.config
@@ -127,6 +128,16 @@ class Daemon:
             )
         assert self.resolved.provider is not None
         descriptor = self.resolved.provider.registered.descriptor
+        if descriptor.name == "local":
+            # Local workers run on this host: a sandbox that cannot run here (and does
+            # not allow a fallback) must stop rexd now, not crash-loop every worker.
+            from rexcore.sandbox.select import SandboxUnavailableError, select_sandbox
+
+            try:
+                select_sandbox(self.plugins, config.pool.sandbox,
+                               config.sandboxes.get(config.pool.sandbox))
+            except SandboxUnavailableError as exc:
+                raise DaemonError(f"pool.sandbox: {exc}") from exc
         provider = await _maybe_await(
             descriptor.factory(self.resolved.provider.options, self.context)
         )
@@ -137,7 +148,18 @@ class Daemon:
             properties=tuple(sorted(config.pool.properties.items())),
             sandbox=config.pool.sandbox,
         )
-        self.pool = WorkerPool(config.pool, provider, launch)
+        policy = None
+        if self.resolved.policy is not None:
+            policy_descriptor = self.resolved.policy.registered.descriptor
+            try:
+                policy = policy_descriptor.factory(self.resolved.policy.options, config.pool)
+            except (PoolError, ValueError) as exc:
+                raise DaemonError(
+                    f"scaling policy {policy_descriptor.name!r} cannot be built: {exc}; "
+                    "fix [pool.policy] or choose another policy"
+                ) from exc
+        self.pool = WorkerPool(config.pool, provider, launch, policy=policy,
+                               load=scheduler_load(runtime.scheduler))
         await self.pool.start()
 
     async def stop(self) -> None:

@@ -159,7 +159,10 @@ class ProviderDescriptor(ComponentDescriptor):
 
 @attrs.frozen(kw_only=True)
 class ScalingPolicyDescriptor(ComponentDescriptor):
-    """A scaling policy: an observation of the pool in, a desired size and a reason out."""
+    """A scaling policy: an observation of the pool in, a desired size and a reason out.
+
+    ``factory(options, pool_config)`` returns a :class:`rexcore.pool.scaling.ScalingPolicy`.
+    """
 
     kind: ClassVar[str] = "scaling_policy"
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
+
+import attrs
 
 from rexcore.config.converter import structure_config
 from rexcore.plugins.descriptors import ComponentContext
@@ -14,21 +17,32 @@ __all__ = ["SandboxUnavailableError", "create_sandbox", "select_sandbox"]
 
 AUTO = "auto"
 
+log = logging.getLogger(__name__)
+
 
 class SandboxUnavailableError(SandboxError):
     """The sandbox asked for is not installed or cannot run on this host."""
 
 
-def select_sandbox(plugins: PluginManager, name: str = AUTO) -> RegisteredComponent:
+def select_sandbox(plugins: PluginManager, name: str = AUTO,
+                   options: Mapping[str, Any] | None = None) -> RegisteredComponent:
     """The sandbox called ``name``, or for ``auto`` the available one with the highest
     ``preference`` (ties broken by name). Raises :class:`SandboxUnavailableError` with the
-    probe's reason when the named one cannot run here."""
+    probe's reason when the named one cannot run here, unless its ``options`` (structured
+    into its options type) set ``allow_fallback``: then the best other one is used, with
+    a warning (a hermetic sandbox fails closed unless config says otherwise)."""
     if name != AUTO:
         try:
             registered = plugins.component("sandbox", name)
         except UnknownComponentError as exc:
             raise SandboxUnavailableError(str(exc)) from exc
         availability = registered.descriptor.availability()
+        if not availability.available and _allows_fallback(registered, options):
+            fallback = _best(plugins, exclude=name)
+            log.warning("sandbox %r cannot run on this host (%s); falling back to %r as "
+                        "its option allow_fallback says", name, availability.reason,
+                        fallback.descriptor.name)
+            return fallback
         if not availability.available:
             raise SandboxUnavailableError(
                 f"sandbox {name!r} ({registered.origin}) cannot run on this host: "
@@ -36,7 +50,21 @@ def select_sandbox(plugins: PluginManager, name: str = AUTO) -> RegisteredCompon
                 "(auto picks the best available)"
             )
         return registered
-    ranked = sorted(plugins.components("sandbox").values(),
+    return _best(plugins)
+
+
+def _allows_fallback(registered: RegisteredComponent, options: Mapping[str, Any] | None) -> bool:
+    descriptor = registered.descriptor
+    if "allow_fallback" not in attrs.fields_dict(descriptor.options_type):
+        return False
+    structured = structure_config(dict(options or {}), descriptor.options_type,
+                                  path=f"$.sandboxes.{descriptor.name}")
+    return bool(structured.allow_fallback)
+
+
+def _best(plugins: PluginManager, exclude: str = "") -> RegisteredComponent:
+    ranked = sorted((c for c in plugins.components("sandbox").values()
+                     if c.descriptor.name != exclude),
                     key=lambda c: (-c.descriptor.preference, c.descriptor.name))
     reasons = []
     for registered in ranked:
@@ -58,8 +86,10 @@ def create_sandbox(
     options: Mapping[str, Any] | None = None,
 ) -> Sandbox:
     """Select a sandbox and build it with ``options`` structured into its options type."""
-    registered = select_sandbox(plugins, name)
+    registered = select_sandbox(plugins, name, options)
     descriptor = registered.descriptor
+    if name != AUTO and descriptor.name != name:  # a fallback: the options were not its
+        options = None
     structured = structure_config(dict(options or {}), descriptor.options_type,
                                   path=f"$.sandboxes.{descriptor.name}")
     return descriptor.factory(structured, context)

@@ -54,6 +54,9 @@ class ExecutionMetadata:
     output_upload_end: float | None = None
     cpu_seconds: float | None = None
     peak_memory_bytes: int | None = None
+    #: The sandbox's memory limit was hit and the kernel killed a process of the action
+    #: (resource exhaustion, not a bug of the action; only hermetic sandboxes can tell).
+    oom_killed: bool = False
 
 
 @attrs.frozen

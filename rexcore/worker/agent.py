@@ -86,6 +86,9 @@ _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.2, 10.0
 _RETRY_LOG_INTERVAL_S = 30.0
 # Finished exec dirs are removed this long after the first of a batch finished.
 _REMOVAL_PAUSE_S = 0.05
+# Values of the platform property ``network`` (what ``rex run --network`` sends is "on").
+_SWITCH = {"on": True, "true": True, "1": True, "yes": True,
+           "off": False, "false": False, "0": False, "no": False}
 
 
 def default_worker_id() -> str:
@@ -532,7 +535,8 @@ class WorkerAgent:
                 stderr_digest=collected.stderr_digest,
                 execution_metadata=ExecutionMetadata(
                     **meta, cpu_seconds=outcome.cpu_s,
-                    peak_memory_bytes=outcome.peak_memory_bytes),
+                    peak_memory_bytes=outcome.peak_memory_bytes,
+                    oom_killed=outcome.oom_killed),
             )
             return Completion(name, result=result, timed_out=outcome.timed_out)
         except WorkerError as exc:
@@ -586,17 +590,23 @@ class WorkerAgent:
 
     def _spec(self, assignment: Assignment) -> SandboxSpec:
         properties = dict(assignment.action.platform)
-        memory = cpus = None
+        memory = cpus = pids = None
         try:
             if "memory" in properties:
                 memory = parse_size(properties["memory"]) or None
             if "cpus" in properties:
                 cpus = float(properties["cpus"]) or None
+            if "pids" in properties:
+                pids = int(properties["pids"]) or None
+            network = properties.get("network", "off").lower()
+            if network not in _SWITCH:
+                raise ValueError(f"network={properties['network']!r}")
             return SandboxSpec(timeout_s=assignment.timeout_s or None, memory_bytes=memory,
-                               cpus=cpus)
+                               cpus=cpus, pids=pids, network=_SWITCH[network])
         except ValueError as exc:
             raise WorkerError(f"invalid platform property: {exc}; memory takes a size "
-                              "(e.g. 2GiB), cpus a number", permanent=True) from exc
+                              "(e.g. 2GiB), cpus a number, pids an integer, network on or "
+                              "off", permanent=True) from exc
 
     # -- blobs to and from the coordinator -----------------------------------------------
 

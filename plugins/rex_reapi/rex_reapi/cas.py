@@ -26,6 +26,7 @@ from rex_reapi.resource_names import parse_read_name, parse_write_name
 from rexcore.artifacts.digest import Digest
 from rexcore.artifacts.store import (
     BlobNotFoundError,
+    BlobStore,
     BlobWriter,
     DigestMismatchError,
     StorageError,
@@ -206,11 +207,13 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
                         seen.add(child)
                         next_level.append(child)
                 if position >= skip:
-                    page.directories.append(directory)
+                    # A full page goes out only once another directory follows: the last
+                    # page must carry no token (the spec: a token means more results).
                     if len(page.directories) >= page_size:
-                        page.next_page_token = _page_token(position + 1)
+                        page.next_page_token = _page_token(position)
                         yield page
                         page = re_pb2.GetTreeResponse()
+                    page.directories.append(directory)
                 position += 1
             level = next_level
         if page.directories or position <= skip:
@@ -232,6 +235,36 @@ def _page_offset(token: str) -> int:
     except (ValueError, UnicodeDecodeError):
         pass
     raise invalid(f"page_token {token!r} was not issued by this server's GetTree")
+
+
+#: Uploads up to this size are gathered in memory and stored in one call (one thread hop
+#: in the disk store) instead of streaming through a store writer (one hop per message
+#: plus opening and publishing): Bazel uploads every small input through ByteStream.
+SMALL_UPLOAD = 1 << 20
+
+
+class _BufferedWriter:
+    """A BlobWriter for small blobs: the bytes wait in memory until ``commit`` stores them."""
+
+    def __init__(self, store: BlobStore, digest: Digest) -> None:
+        self.digest = digest
+        self._store = store
+        self._data = bytearray()
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self._data += data
+
+    async def commit(self) -> None:
+        await self._store.put(self.digest, bytes(self._data))
+
+    async def abort(self) -> None:
+        self._data.clear()
+
+
+def _open_writer(store: BlobStore, digest: Digest) -> BlobWriter:
+    if digest.size <= SMALL_UPLOAD:
+        return _BufferedWriter(store, digest)  # type: ignore[return-value]
+    return store.open_write(digest)
 
 
 @attrs.define(eq=False)
@@ -330,7 +363,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                             return bs_pb2.WriteResponse(
                                 committed_size=-1 if compressed else digest.size)
                         existing = _Upload(
-                            digest, compressed, backend.store.open_write(digest),
+                            digest, compressed, _open_writer(backend.store, digest),
                             decompressor=zstandard.ZstdDecompressor().decompressobj()
                             if compressed else None)
                         self._uploads[resource] = existing

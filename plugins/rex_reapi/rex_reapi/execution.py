@@ -32,6 +32,7 @@ from rexcore.scheduler.operations import (
     Operation,
     OperationNotFoundError,
     SchedulerError,
+    new_operation_name,
 )
 from rexcore.scheduler.scheduler import Scheduler
 from rexcore.serialization.action import InvalidActionError
@@ -42,6 +43,8 @@ _Stage = re_pb2.ExecutionStage.Value
 _STAGES = {"queued": _Stage.QUEUED, "executing": _Stage.EXECUTING, "completed": _Stage.COMPLETED}
 #: Operations whose REAPI particulars (action digest, output layout) are remembered.
 _REMEMBERED = 100_000
+#: Cache-hit operations (they have no scheduler operation) kept for GetOperation/WaitExecution.
+_HITS_REMEMBERED = 10_000
 
 
 @attrs.frozen
@@ -62,11 +65,17 @@ class _Operations:
     def __init__(self, backend: ReapiBackend) -> None:
         self.backend = backend
         self.submitted: OrderedDict[str, _Submitted] = OrderedDict()
+        self.hits: OrderedDict[str, operations_pb2.Operation] = OrderedDict()
 
     def remember(self, name: str, submitted: _Submitted) -> None:
         self.submitted[name] = submitted
         while len(self.submitted) > _REMEMBERED:
             self.submitted.popitem(last=False)
+
+    def remember_hit(self, message: operations_pb2.Operation) -> None:
+        self.hits[message.name] = message
+        while len(self.hits) > _HITS_REMEMBERED:
+            self.hits.popitem(last=False)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -185,15 +194,21 @@ class ExecutionService(re_grpc.ExecutionServicer):
         metadata = re_pb2.ExecuteOperationMetadata(
             stage=_Stage.COMPLETED, action_digest=to_proto(digest),
             digest_function=function_value(digest.function))
-        # A cache hit creates no scheduler operation; its name only has to be unique.
-        message = operations_pb2.Operation(name=f"operations/cached-{digest.hash}", done=True)
+        # A cache hit creates no scheduler operation: remembered here so that its name,
+        # unique like any other, still answers GetOperation and WaitExecution.
+        message = operations_pb2.Operation(name=new_operation_name(), done=True)
         message.metadata.Pack(metadata)
         message.response.Pack(response)
+        self.operations.remember_hit(message)
         return message
 
     @streaming
     async def WaitExecution(self, request: re_pb2.WaitExecutionRequest,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[operations_pb2.Operation]:
+        hit = self.operations.hits.get(request.name)
+        if hit is not None:
+            yield hit
+            return
         op = await self.operations.get(request.name)
         async for message in self.operations.follow(op):
             yield message
@@ -208,11 +223,16 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
     @unary
     async def GetOperation(self, request: operations_pb2.GetOperationRequest,
                            context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
+        hit = self.operations.hits.get(request.name)
+        if hit is not None:
+            return hit
         return await self.operations.proto(await self.operations.get(request.name))
 
     @unary
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest,
                               context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        if request.name in self.operations.hits:  # done already: nothing to cancel
+            return empty_pb2.Empty()
         try:
             await self.operations.scheduler.cancel(request.name)
         except OperationNotFoundError as exc:
@@ -232,6 +252,9 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
     @unary
     async def WaitOperation(self, request: operations_pb2.WaitOperationRequest,
                             context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
+        hit = self.operations.hits.get(request.name)
+        if hit is not None:
+            return hit
         op = await self.operations.get(request.name)
         timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 30.0
         if not op.done:

@@ -1,0 +1,198 @@
+"""Scaling policies: bounds, cooldowns, no oscillation, and what each need adds."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import attrs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rexcore.pool.config import PoolConfig
+from rexcore.pool.scaling import PoolObservation
+from rexcore.pool.scaling.policies import (
+    PredictiveOptions,
+    ReactiveOptions,
+    ScalingGate,
+    StaticOptions,
+    create_predictive_policy,
+    create_reactive_policy,
+    create_static_policy,
+)
+from rexcore.pool.scaling.predictor import LoadPredictor, erlang_c_slots
+
+POOL = PoolConfig(min_workers=0, max_workers=100, evaluation_interval_s=15.0)
+
+
+def _observation(now: float, **fields) -> PoolObservation:
+    values = {"queued": 0, "running": 0, "ready": 1, "starting": 0} | fields
+    return PoolObservation(now=now, **values)
+
+
+def test_erlang_c_adds_headroom_over_littles_law_and_less_of_it_as_the_pool_grows():
+    small = erlang_c_slots(5.0, 40.0, 30.0, 0.95, 1000)
+    large = erlang_c_slots(100.0, 40.0, 30.0, 0.95, 1000)
+    assert small > 5 and large > 100
+    assert small / 5 > large / 100
+    assert erlang_c_slots(0.0, 40.0, 30.0, 0.95, 1000) == 0
+    assert erlang_c_slots(500.0, 40.0, 30.0, 0.95, 50) == 50  # capped by the limit
+
+
+def test_a_stricter_wait_objective_needs_more_slots():
+    assert erlang_c_slots(20, 40, 5, 0.95, 1000) > erlang_c_slots(20, 40, 60, 0.95, 1000)
+    assert erlang_c_slots(20, 40, 30, 0.99, 1000) > erlang_c_slots(20, 40, 30, 0.9, 1000)
+
+
+def test_predictor_smooths_the_rate_and_measures_the_service_time():
+    predictor = LoadPredictor(alpha=0.3, trend_samples=8, initial_service_s=30.0)
+    assert predictor.service_s == 30.0
+    for tick in range(40):  # 2 arrivals/s, each finished action ran 10 s
+        predictor.observe(tick * 15.0, tick * 30, tick * 30, tick * 300.0)
+    assert math.isclose(predictor.rate, 2.0)
+    assert math.isclose(predictor.service_s, 10.0)
+    assert predictor.trend() == 0.0
+
+
+def test_predictor_sees_a_steady_ramp_but_not_poisson_noise():
+    ramp = LoadPredictor(0.3, 8, 30.0)
+    arrivals = 0
+    for tick in range(12):
+        arrivals += 15 * (1 + tick)  # the rate rises by 1/s each 15 s
+        ramp.observe((tick + 1) * 15.0, arrivals, 0, 0.0)
+    assert ramp.trend() > 0.03
+    assert ramp.forecast(300) > ramp.rate
+
+    noise, rng, arrivals = LoadPredictor(0.3, 8, 30.0), random.Random(7), 0
+    flagged = 0
+    for tick in range(2000):
+        arrivals += sum(1 for _ in range(60) if rng.random() < 0.1)  # ~0.4/s, flat
+        noise.observe(tick * 15.0, arrivals, 0, 0.0)
+        flagged += noise.trend() > 0
+    assert flagged < 2000 * 0.05
+
+
+def test_gate_holds_scale_ups_for_the_cooldown_and_scale_ins_to_the_window_maximum():
+    gate = ScalingGate(up_cooldown_s=30, down_cooldown_s=120)
+    assert gate.apply(0, 2, 5, "r").desired == 5
+    held = gate.apply(15, 5, 8, "r")
+    assert held.desired == 5 and "scale-up cooldown" in held.reason
+    assert gate.apply(30, 5, 8, "r").desired == 8
+    assert gate.apply(60, 8, 3, "r").desired == 8  # too soon after the scale-up
+    assert gate.apply(150, 8, 3, "r").desired == 8  # 8 was asked for within 120 s
+    assert gate.apply(200, 8, 3, "r").desired == 3
+
+
+def test_static_keeps_its_size_whatever_the_load():
+    policy = create_static_policy(StaticOptions(), attrs.evolve(POOL, target_workers=7))
+    assert policy.decide(_observation(0, queued=500)).desired == 7
+    assert create_static_policy(StaticOptions(3), POOL).decide(_observation(0)).desired == 3
+
+
+def test_reactive_grows_above_the_threshold_and_shrinks_below_it():
+    policy = create_reactive_policy(ReactiveOptions(), POOL)
+    up = policy.decide(_observation(0, ready=4, running=4, queued=4))
+    assert up.desired == 16 and "above 75%" in up.reason  # to 50% utilisation
+    down = policy.decide(_observation(1000, ready=16, running=2))
+    assert down.desired == 4 and "below 25%" in down.reason
+    assert policy.decide(_observation(2000, ready=4, running=2)).desired == 4
+
+
+def test_predictive_scales_on_backlog_before_any_rate_is_known():
+    policy = create_predictive_policy(PredictiveOptions(), POOL)
+    decision = policy.decide(_observation(0, ready=2, running=2, queued=10))
+    assert decision.desired == 12 and "backlog" in decision.reason
+    assert "queued" in decision.reason and "objective" in decision.reason
+
+
+def test_predictive_sizes_steady_load_above_the_mean_for_the_tail():
+    policy = create_predictive_policy(PredictiveOptions(),
+                                      attrs.evolve(POOL, scale_up_cooldown_s=0))
+    decision = None
+    for tick in range(20):  # 0.5 arrivals/s of 40 s: 20 busy on average
+        decision = policy.decide(_observation(
+            tick * 15.0, ready=20, running=20, queued=1, arrivals=tick * 8 - tick // 2,
+            completions=tick * 7, busy_s=tick * 7 * 40.0))
+    assert decision is not None and 20 < decision.desired <= 30, decision.reason
+
+
+def test_predictive_forecast_of_a_ramp_only_adds_capacity():
+    options = PredictiveOptions()
+    flat = create_predictive_policy(options, POOL)
+    ramp = create_predictive_policy(options, POOL)
+    flat_arrivals = ramp_arrivals = 0
+    for tick in range(10):
+        flat_arrivals += 15
+        ramp_arrivals += 15 * (1 + tick)
+        common = {"ready": 10, "running": 5, "completions": tick * 10, "busy_s": tick * 100.0}
+        last_flat = flat.decide(_observation(tick * 15.0, arrivals=flat_arrivals, **common))
+        last_ramp = ramp.decide(_observation(tick * 15.0, arrivals=ramp_arrivals, **common))
+    assert last_ramp.desired > last_flat.desired
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    policy_name=st.sampled_from(["predictive", "reactive", "static"]),
+    bounds=st.tuples(st.integers(0, 5), st.integers(0, 40)),
+    loads=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 60), st.integers(0, 50)),
+                   min_size=1, max_size=40),
+)
+def test_no_policy_leaves_the_pool_bounds(policy_name, bounds, loads):
+    """What the pool does with a decision: clamp it. Checked through the real pool."""
+    from rexcore.pool.pool import WorkerPool
+    from rexcore.providers.interface import WorkerLaunch
+    from rexcore.providers.mock import MockProvider
+    from tests.test_pool_provisioner import FakeLoad, run
+
+    low, high = min(bounds), max(bounds)
+    config = PoolConfig(min_workers=low, max_workers=max(high, 1), target_workers=low,
+                        enable_autoscale=True, scale_up_cooldown_s=0,
+                        scale_down_cooldown_s=0)
+    factories = {"predictive": lambda: create_predictive_policy(PredictiveOptions(), config),
+                 "reactive": lambda: create_reactive_policy(ReactiveOptions(), config),
+                 "static": lambda: create_static_policy(StaticOptions(high + 3), config)}
+    clock = [0.0]
+    load = FakeLoad()
+    provider = MockProvider(clock=lambda: clock[0])
+    pool = WorkerPool(config, provider, WorkerLaunch("x"), policy=factories[policy_name](),
+                      load=load, clock=lambda: clock[0])
+
+    async def scenario():
+        await pool.start(run=False)
+        for arrivals, queued, running in loads:
+            clock[0] += 15
+            load.set(provider, queued=queued, running=running, new_arrivals=arrivals)
+            decision = await pool.tick()
+            assert config.min_workers <= decision.desired <= config.max_workers
+            assert config.min_workers <= len(pool.provisioner.active) <= config.max_workers
+
+    run(scenario())
+
+
+@settings(max_examples=40, deadline=None)
+@given(rate=st.floats(0.05, 3.0), service_s=st.floats(5, 120), seed=st.integers(0, 10**6))
+def test_predictive_never_reverses_under_steady_load(rate, service_s, seed):
+    """Fed the counters of a steady Poisson load, the pool grows to a size and then
+    changes direction at most once (an initial overshoot settling), never back and
+    forth."""
+    policy = create_predictive_policy(PredictiveOptions(), POOL)
+    rng = random.Random(seed)
+    current, arrivals, completions, busy = 1, 0, 0, 0.0
+    directions = []
+    for tick in range(1, 240):  # an hour
+        new = sum(1 for _ in range(150) if rng.random() < rate * 15 / 150)
+        arrivals += new
+        completions += new
+        busy += new * service_s
+        running = min(current, round(rate * service_s))
+        decision = policy.decide(_observation(
+            tick * 15.0, ready=current, running=running,
+            queued=max(0, round(rate * service_s) - current), arrivals=arrivals,
+            completions=completions, busy_s=busy))
+        if decision.desired != current:
+            direction = 1 if decision.desired > current else -1
+            if not directions or directions[-1] != direction:
+                directions.append(direction)
+            current = decision.desired
+    reversals = max(0, len(directions) - 1)
+    assert reversals <= 2, directions
