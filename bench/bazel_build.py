@@ -1,6 +1,6 @@
 """A real Bazel building a workspace of genrules: locally vs remotely on rex.
 
-    python bench/bazel_build.py [--genrules 200] [--workers 2] [--jobs 8] [--sandbox auto]
+    python bench/bazel_build.py [--genrules 200] [--workers 2] [--slots 4] [--jobs 8] [--sandbox auto]
 
 Generates a workspace of ``--genrules`` genrules (chains of small text transformations,
 ``--width`` chains side by side), then on one Bazel server (its own output root):
@@ -8,7 +8,7 @@ Generates a workspace of ``--genrules`` genrules (chains of small text transform
 1. ``local_s``: a clean local build with Bazel's default strategy on Linux
    (``linux-sandbox``);
 2. ``remote_s``: ``bazel clean``, then the same build with ``--remote_executor`` against
-   ``rexd serve --workers N`` on this machine (fresh data dir: every action runs);
+   ``rexd serve --workers N --worker-slots S`` on this machine (fresh data dir: every action runs);
 3. ``warm_s``: ``bazel clean`` again, then the remote build, now served entirely from the
    remote cache.
 
@@ -47,13 +47,14 @@ def write_workspace(root: Path, genrules: int, width: int) -> None:
     (root / "BUILD").write_text("".join(rules))
 
 
-def start_rexd(data_dir: Path, workers: int, sandbox: str) -> tuple[subprocess.Popen[str], str]:
+def start_rexd(data_dir: Path, workers: int, slots: int,
+               sandbox: str) -> tuple[subprocess.Popen[str], str]:
     log = data_dir.parent / "rexd.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "rexcore.cli.rexd", "serve", "--data-dir", str(data_dir),
              "--http", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--workers", str(workers),
-             "--sandbox", sandbox],
+             "--worker-slots", str(slots), "--sandbox", sandbox],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--genrules", type=int, default=200)
     parser.add_argument("--width", type=int, default=20, help="independent chains")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--slots", type=int, default=4,
+                        help="actions each worker runs at once (workers x slots ~ jobs)")
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--sandbox", default="auto", help="rex sandbox of the workers")
     args = parser.parse_args()
@@ -95,7 +98,7 @@ def main() -> None:
                                  f"{result.stderr[-3000:]}")
             return elapsed
 
-        process, address = start_rexd(base / "rex-data", args.workers, args.sandbox)
+        process, address = start_rexd(base / "rex-data", args.workers, args.slots, args.sandbox)
         try:
             jobs = f"--jobs={args.jobs}"
             remote = [f"--remote_executor=grpc://{address}", "--spawn_strategy=remote",
@@ -116,6 +119,7 @@ def main() -> None:
     print(json.dumps({
         "genrules": args.genrules,
         "workers": args.workers,
+        "slots": args.slots,
         "jobs": args.jobs,
         "sandbox": args.sandbox,
         "local_s": round(local_s, 2),
