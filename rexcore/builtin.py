@@ -8,10 +8,20 @@ from typing import TYPE_CHECKING
 from rexcore import hookimpl
 from rexcore.artifacts.disk import DiskStoreOptions, create_disk_store
 from rexcore.artifacts.memory import MemoryStoreOptions, create_memory_store
-from rexcore.monitoring.health import HealthCheck, disk_space_check
+from rexcore.monitoring.health import (
+    HealthCheck,
+    coordinator_check,
+    disk_space_check,
+    failed_workers_check,
+    queue_depth_check,
+    workers_check,
+)
+from rexcore.monitoring.metrics import LogExporterOptions, create_log_exporter
+from rexcore.monitoring.prometheus import create_prometheus_exporter
 from rexcore.plugins.descriptors import (
     BlobStoreDescriptor,
     CliOption,
+    MetricsExporterDescriptor,
     ProtocolDescriptor,
     ProviderDescriptor,
     SandboxDescriptor,
@@ -77,6 +87,22 @@ def rexcore_sandboxes() -> Iterator[SandboxDescriptor]:
 @hookimpl
 def rexcore_health_checks(runtime: ServiceRuntime) -> Iterator[HealthCheck]:
     yield disk_space_check(runtime.data_dir)
+    yield coordinator_check(runtime)
+    yield workers_check(runtime)
+    yield queue_depth_check(runtime)
+    yield failed_workers_check(runtime)
+
+
+@hookimpl
+def rexcore_metrics_exporters() -> Iterator[MetricsExporterDescriptor]:
+    yield MetricsExporterDescriptor(
+        name="log", factory=create_log_exporter, options_type=LogExporterOptions,
+        description="one key=value line per snapshot to the rexcore.metrics logger",
+    )
+    yield MetricsExporterDescriptor(
+        name="prometheus", factory=create_prometheus_exporter,
+        description="Prometheus text at GET /metrics of the native HTTP API",
+    )
 
 
 @hookimpl

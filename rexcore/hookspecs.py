@@ -122,7 +122,12 @@ def rexcore_scaling_policies() -> Iterable[ScalingPolicyDescriptor]:
 def rexcore_metrics_exporters() -> Iterable[MetricsExporterDescriptor]:
     """Offer metrics exporters, fed by the metrics collector.
 
-    Called when components are first looked up; every exporter named in config is built.
+    Called when components are first looked up; rexd builds every exporter named in
+    ``[metrics] exporters`` with ``factory(options, context)``. The result must satisfy
+    :class:`rexcore.monitoring.metrics.MetricsExporter`: ``export(snapshot)`` gets a
+    :class:`~rexcore.monitoring.metrics.MetricsSnapshot` every ``[metrics] interval_s`` (on
+    the event loop: never block it) and ``async close()`` is called when rexd stops. Built
+    in: ``log`` and ``prometheus`` (``GET /metrics``).
 
     Example::
 

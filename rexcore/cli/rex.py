@@ -6,10 +6,12 @@
     rex cas get DIGEST -o FILE
     rex run [--input PATH]... [--output PATH]... [--timeout S] [--memory SIZE]
             [--cpus N] [--property k=v]... [--env K=V]... [-v] -- ARGV...
+    rex status [--json] [--watch [--interval S]]
 
 The server is ``--server URL``, else ``$REX_SERVER``, else ``http://127.0.0.1:8981``.
 Exit status: 0 on success, 1 when the operation failed, 2 on a usage error; ``rex run``
-exits with the action's own exit code.
+exits with the action's own exit code, ``rex status`` with 1 when the server is unhealthy
+(and ``--watch`` with 0 on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -120,6 +122,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="say where the result came from and how long it took")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGV...",
                      help="the command to run")
+
+    status = commands.add_parser(
+        "status", help="the server's worker pool, queue and health",
+        description="Shows the worker pool, the queue and every health check as tables; "
+        "exits 1 when the server is unhealthy.",
+    )
+    status.add_argument("--json", action="store_true",
+                        help="print JSON (with --watch: one document per line)")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--interval", type=float, default=2.0, metavar="S",
+                        help="seconds between refreshes with --watch (default: 2)")
     return parser
 
 
@@ -237,6 +250,16 @@ async def _cas_get(client: RexClient, args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     async with RexClient(resolve_server(args.server)) as client:
+        if args.command == "status":
+            from rich.console import Console
+
+            from rexcore.monitoring.report import show_status
+
+            if not args.interval > 0:
+                raise _UsageError(f"--interval {args.interval:g} must be a positive number "
+                                  "of seconds")
+            return await show_status(client, Console(), as_json=args.json, watch=args.watch,
+                                     interval_s=args.interval)
         if args.command == "run":
             return await _remote_run(client, args)
         if args.cas_command == "put":
@@ -257,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         return _fail(f"{where}{exc.strerror or exc}; check the path and its permissions", 1)
     except KeyboardInterrupt:
+        if getattr(args, "watch", False):
+            return 0  # how a watch ends
         print("rex: interrupted", file=sys.stderr)
         return 130
 

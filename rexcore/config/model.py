@@ -22,6 +22,7 @@ __all__ = [
     "ActionCacheConfig",
     "ComponentRef",
     "LoggingConfig",
+    "MetricsConfig",
     "PoolConfig",
     "PluginsConfig",
     "RexConfig",
@@ -92,6 +93,19 @@ class LoggingConfig:
             raise ValueError(f"unknown log level {value!r}; use debug, info, warning or error")
 
 
+@attrs.frozen(kw_only=True)
+class MetricsConfig:
+    """The metrics collector (``[metrics]``); off while ``exporters`` is empty.
+
+    ``exporters``: the exporters to feed, each ``{name, options}`` (built in: ``log`` and
+    ``prometheus``; plugins add more). ``interval_s``: seconds between two snapshots pushed
+    to every exporter (``prometheus`` also takes a fresh one on each scrape).
+    """
+
+    exporters: list[ComponentRef] = attrs.field(factory=list)
+    interval_s: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+
+
 @attrs.frozen
 class RexConfig:
     """The whole of ``rexd.toml``.
@@ -109,6 +123,7 @@ class RexConfig:
     scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
     pool: PoolConfig = attrs.field(factory=PoolConfig)
     sandboxes: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
 
     @property
     def data_path(self) -> Path:

@@ -15,8 +15,10 @@ from typing import Any
 
 from rexcore.artifacts.action_cache import ActionCacheOptions, create_action_cache
 from rexcore.artifacts.store import StorageError
+from rexcore.config.converter import ConfigError
 from rexcore.config.loader import ResolvedConfig
 from rexcore.core.runtime import ServiceRuntime
+from rexcore.monitoring.metrics import build_collector, resolve_exporters
 from rexcore.plugins.descriptors import ComponentContext
 from rexcore.plugins.manager import PluginManager
 from rexcore.scheduler.operations import SchedulerError
@@ -58,6 +60,10 @@ class Daemon:
                 "--data-dir or REX_DATA_DIR"
             ) from exc
         self.plugins.configure(config)
+        try:
+            exporters = resolve_exporters(config.metrics, self.plugins)
+        except ConfigError as exc:
+            raise DaemonError(str(exc)) from exc
         context = self.context
         store_descriptor = self.resolved.blob_store.registered.descriptor
         try:
@@ -108,6 +114,10 @@ class Daemon:
                           file=sys.stderr, flush=True)
             if self.resolved.provider is not None:
                 await self._start_pool(runtime)
+            if exporters:
+                runtime.metrics = await build_collector(runtime, config.metrics, exporters,
+                                                        context)
+                await runtime.metrics.start()
         except BaseException:
             await self._stop_parts()
             raise
@@ -160,6 +170,7 @@ class Daemon:
                 ) from exc
         self.pool = WorkerPool(config.pool, provider, launch, policy=policy,
                                load=scheduler_load(runtime.scheduler))
+        runtime.pool = self.pool
         await self.pool.start()
 
     async def stop(self) -> None:
@@ -169,8 +180,13 @@ class Daemon:
         self._stopped.set()
 
     async def _stop_parts(self) -> None:
+        if self.runtime is not None and self.runtime.metrics is not None:
+            metrics, self.runtime.metrics = self.runtime.metrics, None
+            await metrics.stop()
         if self.pool is not None:  # drain first: workers report while protocols still serve
             pool, self.pool = self.pool, None
+            if self.runtime is not None:
+                self.runtime.pool = None
             try:
                 await pool.stop()
             except Exception:

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from rexcore.artifacts.store import BlobStore
     from rexcore.config.model import RexConfig
     from rexcore.monitoring.health import HealthCheck
+    from rexcore.monitoring.metrics import MetricsCollector
     from rexcore.plugins.manager import PluginManager
+    from rexcore.pool.pool import WorkerPool
     from rexcore.scheduler.scheduler import Scheduler
 
 __all__ = ["ServiceRuntime"]
@@ -36,3 +38,7 @@ class ServiceRuntime:
     health_checks: list[HealthCheck] = attrs.field(factory=list)
     #: The coordinator, when ``scheduler.enabled``; protocols serve execution through it.
     scheduler: Scheduler | None = None
+    #: The worker pool, when this rexd starts workers; health checks and status read it.
+    pool: WorkerPool | None = None
+    #: The metrics collector, when ``[metrics] exporters`` names any; ``/metrics`` scrapes it.
+    metrics: MetricsCollector | None = None

@@ -30,6 +30,7 @@ from rexcore.config.loader import resolve_config, set_option
 from rexcore.config.model import PoolConfig, RexConfig
 from rexcore.core.daemon import Daemon, DaemonError
 from rexcore.core.remote_action import ExecutionResult, execute_remotely
+from rexcore.monitoring.metrics import resolve_exporters
 from rexcore.plugins.manager import PluginManager, build_plugin_manager
 from rexcore.protocol.client import RexClient
 from rexcore.serialization.sandbox_spec import SandboxSpec
@@ -100,6 +101,15 @@ class RemoteServiceBuilder:
         set_option(self._raw, "protocols.reapi.listen", f"{host}:{port}")
         return self
 
+    def enable_metrics(self, *exporters: str, interval_s: float | None = None) -> Self:
+        """Collect metrics and feed ``exporters`` (default: ``prometheus``, served at
+        ``GET /metrics``; also ``log`` or a plugin's) every ``interval_s`` seconds."""
+        names = exporters or ("prometheus",)
+        set_option(self._raw, "metrics.exporters", [{"name": name} for name in names])
+        if interval_s is not None:
+            set_option(self._raw, "metrics.interval_s", interval_s)
+        return self
+
     def option(self, dotted: str, value: Any) -> Self:
         """Any other ``rexd.toml`` option, e.g. ``option("scheduler.max_queued", 100)``."""
         set_option(self._raw, dotted, value)
@@ -115,6 +125,7 @@ class RemoteServiceBuilder:
         config = structure_config(raw, RexConfig)
         plugins = self._plugins or build_plugin_manager(config.plugins, strict=True)
         resolve_config(config, plugins)  # fail here, not in start(), on a bad setting
+        resolve_exporters(config.metrics, plugins)
         return raw, plugins
 
     def build(self) -> RemoteService:

@@ -2,10 +2,19 @@
 
 Routes (every error is JSON ``{"error": {"code": ..., "message": ...}}``):
 
-- ``GET /healthz``: status, version, uptime and the blob store's stats.
+- ``GET /healthz``: status, version, uptime, the blob store's stats and every health check
+  (:mod:`rexcore.monitoring.health`); 503 when any check fails.
+- ``GET /metrics``: the metrics in Prometheus text, with the ``prometheus`` exporter
+  configured (:mod:`rexcore.monitoring.prometheus`).
 - ``GET|HEAD|PUT /v1/cas/{function}/{hash}/{size}``: read (``?offset=&limit=``), probe,
   or upload one blob; uploads are verified against the address before they are stored.
 - ``POST /v1/cas/find-missing``: ``{"digests": [...]}`` in, ``{"missing": [...]}`` out.
+- ``GET|PUT /v1/chunks/{function}/{hash}/{size}``: one chunk of a chunked transfer (a blob
+  of at most 16 MiB), plain or zstd as the ``Rex-Chunk-Encoding`` header says; a GET
+  answers zstd when ``Rex-Accept-Chunk-Encoding: zstd`` asks and it pays. Verified first.
+- ``GET|PUT /v1/manifests/{function}/{hash}/{size}``: a blob's chunk manifest
+  (:mod:`rexcore.artifacts.transfer`). A PUT stores the blob made of its chunks, once all
+  are present and they verify as the blob; a GET of a stored blob without one cuts it.
 - ``GET|PUT /v1/ac/{function}/{hash}/{size}``: an action's cached ``ActionResult``.
 - with the scheduler enabled, execution: ``POST /v1/execute``, ``GET /v1/operations/{id}``,
   ``POST /v1/operations/{id}/cancel``, ``POST /v1/workers/synchronize``, ``GET /v1/status``
@@ -29,7 +38,21 @@ from aiohttp import web
 
 from rexcore import __version__
 from rexcore.artifacts.action_cache import MissingBlobsError
+from rexcore.artifacts.chunk_store import (
+    ManifestIndex,
+    accept_chunk,
+    split_stored_blob,
+    splice_chunks,
+)
 from rexcore.artifacts.digest import Digest, DigestFunction, InvalidDigestError, parse_digest
+from rexcore.artifacts.manifest import (
+    REAPI_CHUNKING,
+    BlobMismatchError,
+    ChunkManifest,
+    CorruptChunkError,
+    InvalidManifestError,
+    MissingChunksError,
+)
 from rexcore.artifacts.store import (
     BlobNotFoundError,
     BlobStore,
@@ -41,7 +64,12 @@ from rexcore.config.types import ByteSize, HostPort, parse_host_port
 from rexcore.core.runtime import ServiceRuntime
 from rexcore.monitoring.health import run_health_checks
 from rexcore.plugins.descriptors import ComponentContext
-from rexcore.protocol.client import tune_malloc_for_streaming
+from rexcore.artifacts.transfer import ChunkEncoding, ChunkPayload, encode_chunk
+from rexcore.protocol.client import (
+    ACCEPT_CHUNK_ENCODING_HEADER,
+    CHUNK_ENCODING_HEADER,
+    tune_malloc_for_streaming,
+)
 from rexcore.serialization.action_result import ActionResult
 from rexcore.serialization.codec import WireFormatError, encode, structure
 
@@ -58,6 +86,9 @@ _JSON = "application/json"
 _OCTETS = "application/octet-stream"
 # Uploads declaring at most this many bytes are read whole, then stored in one call.
 _SMALL_BLOB = 1 << 20
+# The largest chunk (FastCDC's max_size limit), and its body with zstd's worst-case growth.
+_MAX_CHUNK = 16 << 20
+_MAX_CHUNK_BODY = _MAX_CHUNK + (1 << 20)
 
 
 class NativeHttpError(Exception):
@@ -110,8 +141,9 @@ def _json_response(data: Any, status: int = 200) -> web.Response:
 
 
 _API_SHAPE = (
-    "the native API serves GET /healthz, GET|HEAD|PUT /v1/cas/{function}/{hash}/{size}, "
-    "POST /v1/cas/find-missing, GET|PUT /v1/ac/{function}/{hash}/{size}, and with the "
+    "the native API serves GET /healthz, GET /metrics, GET|HEAD|PUT /v1/cas/{function}/{hash}/{size}, "
+    "POST /v1/cas/find-missing, GET|PUT /v1/chunks/{function}/{hash}/{size}, "
+    "GET|PUT /v1/manifests/{function}/{hash}/{size}, GET|PUT /v1/ac/{function}/{hash}/{size}, and with the "
     "scheduler POST /v1/execute, GET /v1/operations/{id}, POST /v1/operations/{id}/cancel, "
     "POST /v1/workers/synchronize and GET /v1/status"
 )
@@ -305,6 +337,7 @@ class _NativeApi:
         self._options = options
         self._functions = frozenset(runtime.digest_functions)
         self._digests = _DigestParser(self._functions)
+        self._manifests = ManifestIndex(runtime.data_dir / "manifests")
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -375,6 +408,19 @@ class _NativeApi:
             },
             status=200 if report.healthy else 503,
         )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """The metrics as the configured scraped exporter (``prometheus``) renders them."""
+        collector = getattr(self._runtime, "metrics", None)
+        scraped = await collector.scrape() if collector is not None else None
+        if scraped is None:
+            raise _ApiError(
+                404, "metrics_not_enabled",
+                "this rexd exports no metrics at /metrics; add the prometheus exporter: "
+                '[metrics] exporters = [{name = "prometheus"}] in rexd.toml',
+            )
+        body, content_type = scraped
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     # -- CAS ------------------------------------------------------------------------------
 
@@ -490,6 +536,125 @@ class _NativeApi:
         response.headers["Server-Timing"] = f"app;dur={elapsed_ms:.3f}"
         return response
 
+    # -- chunked transfer -----------------------------------------------------------------
+
+    async def put_chunk(self, request: web.Request) -> web.Response:
+        digest = self._address(request)
+        if digest.size > _MAX_CHUNK:
+            raise _ApiError(
+                413,
+                "chunk_too_large",
+                f"chunk {digest} has {digest.size} bytes, chunks have at most {_MAX_CHUNK}; "
+                "upload a blob this large with PUT /v1/cas/...",
+            )
+        text = request.headers.get(CHUNK_ENCODING_HEADER, ChunkEncoding.IDENTITY.value)
+        try:
+            encoding = ChunkEncoding(text.strip().lower())
+        except ValueError:
+            served = ", ".join(e.value for e in ChunkEncoding)
+            raise _ApiError(
+                400,
+                "unsupported_chunk_encoding",
+                f"{CHUNK_ENCODING_HEADER}: {text!r} is not served; use one of {served}",
+            ) from None
+        data = await _read_capped(request.content, _MAX_CHUNK_BODY, f"chunk {digest}")
+        try:
+            stored = await accept_chunk(self._store, digest, ChunkPayload(encoding, data))
+        except CorruptChunkError as exc:
+            raise _ApiError(400, "corrupt_chunk", str(exc), digest=str(digest)) from None
+        except StoreFullError as exc:
+            raise _store_full(digest, exc) from None
+        return _json_response({"digest": str(digest), "stored": stored}, 201 if stored else 200)
+
+    async def get_chunk(self, request: web.Request) -> web.Response:
+        digest = self._address(request)
+        if digest.size > _MAX_CHUNK:
+            raise _ApiError(
+                400,
+                "chunk_too_large",
+                f"{digest} is larger than any chunk ({_MAX_CHUNK} bytes); read it with "
+                "GET /v1/cas/...",
+            )
+        try:
+            data = await self._store.get(digest)
+        except BlobNotFoundError:
+            raise _ApiError(
+                404,
+                "chunk_not_found",
+                f"chunk {digest} is not in the store; upload the blob it belongs to again",
+                digest=str(digest),
+            ) from None
+        accepted = request.headers.get(ACCEPT_CHUNK_ENCODING_HEADER, "").lower()
+        if ChunkEncoding.ZSTD.value in (token.strip() for token in accepted.split(",")):
+            payload = await asyncio.to_thread(encode_chunk, data)
+        else:
+            payload = ChunkPayload(ChunkEncoding.IDENTITY, data)
+        return web.Response(
+            body=payload.data,
+            content_type=_OCTETS,
+            headers={CHUNK_ENCODING_HEADER: payload.encoding.value},
+        )
+
+    async def put_manifest(self, request: web.Request) -> web.Response:
+        blob = self._address(request)
+        try:
+            manifest = ChunkManifest.from_json(await request.read())
+        except InvalidManifestError as exc:
+            raise _ApiError(400, "invalid_manifest", f"{exc}; nothing was stored") from None
+        if manifest.blob != blob:
+            raise _ApiError(
+                400,
+                "invalid_manifest",
+                f"the manifest sent to {request.path} is the manifest of {manifest.blob}; "
+                "send it to its own blob's address. Nothing was stored",
+            )
+        try:
+            stored = await splice_chunks(self._store, blob, manifest.chunks)
+        except MissingChunksError as exc:
+            raise _ApiError(
+                400,
+                "missing_chunks",
+                f"{exc}; PUT them to /v1/chunks/... first. Nothing was stored",
+                missing=[str(d) for d in exc.missing],
+            ) from None
+        except InvalidManifestError as exc:
+            raise _ApiError(400, "invalid_manifest", str(exc)) from None
+        except BlobMismatchError as exc:
+            raise _ApiError(400, "blob_mismatch", f"{exc}. Nothing was stored") from None
+        except StoreFullError as exc:
+            raise _store_full(blob, exc) from None
+        if len(manifest.chunks) > 1:
+            await self._manifests.put(manifest)
+        return _json_response(
+            {"blob": str(blob), "chunks": len(manifest.chunks), "stored": stored},
+            201 if stored else 200,
+        )
+
+    async def get_manifest(self, request: web.Request) -> web.Response:
+        blob = self._address(request)
+        known = await self._manifests.get(blob)
+        if known is not None and not await self._store.find_missing(list(set(known.chunks))):
+            return web.Response(body=known.to_json(), content_type=_JSON)
+        try:
+            # Cutting the stored blob (again) restores evicted chunks too.
+            manifest = await split_stored_blob(
+                self._store, blob, known.params if known is not None else REAPI_CHUNKING
+            )
+        except BlobNotFoundError:
+            if known is not None:  # the client's find-missing names the chunks that are gone
+                return web.Response(body=known.to_json(), content_type=_JSON)
+            raise _ApiError(
+                404,
+                "manifest_not_found",
+                f"blob {blob} is not in the store, whole or chunked; upload it first",
+                digest=str(blob),
+            ) from None
+        except BlobMismatchError as exc:
+            raise _ApiError(500, "blob_corrupt", str(exc), digest=str(blob)) from None
+        if len(manifest.chunks) > 1 and manifest != known:
+            await self._manifests.put(manifest)
+        return web.Response(body=manifest.to_json(), content_type=_JSON)
+
     # -- action cache ---------------------------------------------------------------------
 
     async def get_action_result(self, request: web.Request) -> web.Response:
@@ -558,6 +723,15 @@ def _texts_of(missing: list[Digest], digests: list[Digest], texts: list[Any]) ->
     return [str(digest) for digest in missing]
 
 
+def _store_full(digest: Digest, exc: StoreFullError) -> _ApiError:
+    return _ApiError(
+        507,
+        "store_full",
+        f"no room for blob {digest} ({digest.size} bytes): {exc}; nothing was stored. "
+        "Free disk space or lower the blob store's max_size",
+    )
+
+
 def _blob_not_found(digest: Digest) -> _ApiError:
     return _ApiError(
         404,
@@ -619,6 +793,22 @@ async def _read_body(content: Any, digest: Digest) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+async def _read_capped(content: Any, limit: int, what: str) -> bytes:
+    """A request body in memory, refused (413) once it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := await content.readany():
+        total += len(chunk)
+        if total > limit:
+            raise _ApiError(
+                413,
+                "request_too_large",
+                f"the body of {what} passed {limit} bytes; chunks are at most 16 MiB",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _copy_body(
     content: Any, write: Callable[[bytes], Awaitable[None]], digest: Digest
 ) -> None:
@@ -650,10 +840,17 @@ def create_app(
     blob = "/v1/cas/{function}/{hash}/{size}"
     action = "/v1/ac/{function}/{hash}/{size}"
     app.router.add_get("/healthz", api.healthz, allow_head=False)
+    app.router.add_get("/metrics", api.metrics, allow_head=False)
     app.router.add_post("/v1/cas/find-missing", api.find_missing)
     app.router.add_get(blob, api.get_blob, allow_head=False)
     app.router.add_head(blob, api.head_blob)
     app.router.add_put(blob, api.put_blob)
+    chunk = "/v1/chunks/{function}/{hash}/{size}"
+    manifest = "/v1/manifests/{function}/{hash}/{size}"
+    app.router.add_get(chunk, api.get_chunk, allow_head=False)
+    app.router.add_put(chunk, api.put_chunk)
+    app.router.add_get(manifest, api.get_manifest, allow_head=False)
+    app.router.add_put(manifest, api.put_manifest)
     app.router.add_get(action, api.get_action_result, allow_head=False)
     app.router.add_put(action, api.put_action_result)
     scheduler = getattr(runtime, "scheduler", None)

@@ -13,7 +13,8 @@
 - ``POST /v1/workers/synchronize``: the worker protocol (``SyncRequest`` in,
   ``SyncResponse`` out); 401 ``unauthenticated`` for a wrong join token, 403
   ``permission_denied`` for a remote worker when no join token is configured.
-- ``GET /v1/status``: workers, queue and counters (``SchedulerStatus``).
+- ``GET /v1/status``: workers, queue and counters (``SchedulerStatus``), with ``pool``: the
+  worker pool's workers by state and its scaling, when this rexd runs one.
 
 An operation's name is ``operations/<32 hex digits>`` and its URL is ``/v1/`` followed by
 that name, so names travel unchanged. Errors use the API's JSON error body; the codes are
@@ -30,10 +31,12 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 from aiohttp import web
 
 from rexcore.artifacts.digest import Digest, InvalidDigestError, digest_of, parse_digest
 from rexcore.artifacts.store import BlobStore, DigestMismatchError, StoreFullError
+from rexcore.monitoring.status import pool_status
 from rexcore.protocol.http_server import _ApiError, _json_object  # the API's own error shape
 from rexcore.scheduler.operations import (
     MissingInputsError,
@@ -252,7 +255,12 @@ class _SchedulerApi:
 
     @_translated
     async def status(self, request: web.Request) -> web.Response:
-        return _answer(self._scheduler.status())
+        status = self._scheduler.status()
+        pool = self._scheduler.runtime.pool
+        if pool is not None:
+            loads = self._scheduler.worker_loads()
+            status = attrs.evolve(status, pool=await pool_status(pool, loads))
+        return _answer(status)
 
 
 def _wait_seconds(value: Any, name: str) -> float:

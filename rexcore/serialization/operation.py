@@ -16,6 +16,7 @@ __all__ = [
     "OPERATION_STATES",
     "OPERATION_STATUSES",
     "OperationView",
+    "PoolStatus",
     "SchedulerMetrics",
     "SchedulerStatus",
 ]
@@ -84,6 +85,35 @@ class SchedulerMetrics:
     busy_s: float = 0.0
 
 
+@attrs.frozen(kw_only=True)
+class PoolStatus:
+    """The worker pool in ``GET /v1/status``: its workers by state and its scaling."""
+
+    autoscale: bool = False
+    #: The scaling policy in use ("" without autoscaling).
+    policy: str = ""
+    min_workers: int = 0
+    max_workers: int = 0
+    #: Workers the pool is sizing towards, and why (the policy's last reason).
+    desired: int = 0
+    reason: str = ""
+    #: The pool's workers by state: asked for and not joined yet, joined and idle, joined
+    #: and running an action, finishing their actions before they stop.
+    starting: int = 0
+    idle: int = 0
+    busy: int = 0
+    draining: int = 0
+    #: Workers that failed or vanished without a drain since the pool started (without
+    #: autoscaling, the provider replaces crashed workers itself: those it reports failed).
+    failed: int = 0
+    scale_ups: int = 0
+    scale_downs: int = 0
+    provider_errors: int = 0
+    last_provider_error: str = ""
+    #: Measured seconds from asking for a worker to its joining (None: none joined yet).
+    startup_s: float | None = None
+
+
 @attrs.frozen
 class SchedulerStatus:
     """``GET /v1/status``: the pool and the queue right now, and counters since start."""
@@ -95,3 +125,5 @@ class SchedulerStatus:
     queued: int = 0
     executing: int = 0
     metrics: SchedulerMetrics = attrs.field(factory=SchedulerMetrics)
+    #: The worker pool this rexd runs (None when it starts no workers).
+    pool: PoolStatus | None = None
