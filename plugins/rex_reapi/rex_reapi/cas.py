@@ -16,14 +16,21 @@ from google.rpc import code_pb2
 from rex_reapi.backend import ReapiBackend, streaming, unary
 from rex_reapi.convert import invalid
 from rex_reapi.digests import function_value, to_proto, to_rex
-from rex_reapi.errors import ReapiError, rpc_status
+from rex_reapi.errors import ReapiError, missing_blobs_error, rpc_status
 from rex_reapi.proto import bytestream_pb2 as bs_pb2
 from rex_reapi.proto import bytestream_pb2_grpc as bs_grpc
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
 from rex_reapi.proto import remote_execution_pb2_grpc as re_grpc
 from rex_reapi.proto import semver_pb2
 from rex_reapi.resource_names import parse_read_name, parse_write_name
+from rexcore.artifacts.chunk_store import splice_chunks, split_stored_blob
 from rexcore.artifacts.digest import Digest
+from rexcore.artifacts.manifest import (
+    REAPI_CHUNKING,
+    BlobMismatchError,
+    InvalidManifestError,
+    MissingChunksError,
+)
 from rexcore.artifacts.store import (
     BlobNotFoundError,
     BlobStore,
@@ -36,6 +43,9 @@ from rexcore.artifacts.store import (
 __all__ = ["ByteStreamService", "CapabilitiesService", "CasService"]
 
 _Compressor = re_pb2.Compressor.Value
+_Chunking = re_pb2.ChunkingFunction.Value
+#: How SplitBlob cuts (advertised in Capabilities): FastCDC 2020, the REAPI parameters.
+CHUNKING = REAPI_CHUNKING
 #: Unfinished ByteStream uploads are kept this long after their last message, for resume.
 UPLOAD_IDLE_S = 600.0
 #: REAPI versions served: 2.0 (Bazel 4) through 2.3.
@@ -62,6 +72,10 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
                 symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.DISALLOWED,
                 supported_compressors=[_Compressor.ZSTD],
                 supported_batch_update_compressors=[_Compressor.ZSTD],
+                split_blob_support=True,
+                splice_blob_support=True,
+                fast_cdc_2020_params=re_pb2.FastCdc2020Params(
+                    avg_chunk_size_bytes=CHUNKING.avg_size, seed=CHUNKING.seed),
             ),
             deprecated_api_version=LOW_API,
             low_api_version=LOW_API,
@@ -218,6 +232,55 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             level = next_level
         if page.directories or position <= skip:
             yield page
+
+    @unary
+    async def SplitBlob(self, request: re_pb2.SplitBlobRequest,
+                        context: grpc.aio.ServicerContext) -> re_pb2.SplitBlobResponse:
+        backend = self.backend
+        backend.check_instance(request.instance_name)
+        function = backend.function(request.digest_function)
+        blob = to_rex(request.blob_digest, function, "blob_digest")
+        if request.chunking_function not in (_Chunking.UNKNOWN, _Chunking.FAST_CDC_2020):
+            raise invalid(f"chunking function {_chunking_name(request.chunking_function)} is "
+                          "not served; rex splits with FAST_CDC_2020 (see GetCapabilities)")
+        try:
+            manifest = await split_stored_blob(backend.store, blob, CHUNKING)
+        except BlobNotFoundError:
+            raise ReapiError(grpc.StatusCode.NOT_FOUND,
+                             f"blob {blob} is not in the CAS; upload it before splitting it") from None
+        except BlobMismatchError as exc:
+            raise ReapiError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
+        return re_pb2.SplitBlobResponse(chunk_digests=[to_proto(c) for c in manifest.chunks],
+                                        chunking_function=_Chunking.FAST_CDC_2020)
+
+    @unary
+    async def SpliceBlob(self, request: re_pb2.SpliceBlobRequest,
+                         context: grpc.aio.ServicerContext) -> re_pb2.SpliceBlobResponse:
+        backend = self.backend
+        backend.check_instance(request.instance_name)
+        function = backend.function(request.digest_function)
+        blob = to_rex(request.blob_digest, function, "blob_digest")
+        chunks = [to_rex(d, function, "chunk_digests") for d in request.chunk_digests]
+        try:
+            # The chunks stream into a store writer that verifies the whole against
+            # blob_digest before publishing it: a bad splice stores nothing.
+            await splice_chunks(backend.store, blob, chunks)
+        except MissingChunksError as exc:
+            error = missing_blobs_error(exc.missing, "chunk list")
+            shown = ", ".join(str(d) for d in exc.missing[:5])
+            error.message = (f"{len(exc.missing)} chunk(s) of {blob} are not in the CAS "
+                             f"({shown}); upload them, then splice again")
+            raise error from None
+        except (InvalidManifestError, BlobMismatchError) as exc:
+            raise invalid(str(exc)) from None
+        return re_pb2.SpliceBlobResponse(blob_digest=to_proto(blob))
+
+
+def _chunking_name(value: int) -> str:
+    try:
+        return _Chunking.Name(value)
+    except ValueError:
+        return str(value)
 
 
 def _page_token(offset: int) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from reapi_fixtures import Reapi, reapi, reapi_config, sha256_digest
 
-from reapi_fixtures import Reapi, reapi, reapi_config, sha256_digest  # noqa: F401
+_FIXTURES = (reapi, reapi_config)  # pytest finds them by name here
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
 
 
@@ -17,7 +18,9 @@ def _rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
     raise AssertionError(f"no grpc-status-details-bin in {error}")
 
 
-async def _update(reapi: Reapi, action: re_pb2.Digest, result: re_pb2.ActionResult) -> re_pb2.ActionResult:
+async def _update(
+    reapi: Reapi, action: re_pb2.Digest, result: re_pb2.ActionResult,
+) -> re_pb2.ActionResult:
     return await reapi.ac.UpdateActionResult(re_pb2.UpdateActionResultRequest(
         action_digest=action, action_result=result))
 

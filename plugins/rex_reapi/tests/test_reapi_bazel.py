@@ -98,7 +98,7 @@ def rexd_reapi(tmp_path: Path) -> Iterator[str]:
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded 2-core machine starts slowly
         while True:
             text = log_path.read_text()
             found = re.search(r"rexd: reapi listening on grpc://(\S+)", text)

@@ -12,8 +12,9 @@ import blake3
 import grpc
 import pytest
 import zstandard
+from reapi_fixtures import Reapi, reapi, reapi_config, sha256_digest
 
-from reapi_fixtures import Reapi, reapi, reapi_config, sha256_digest  # noqa: F401
+_FIXTURES = (reapi, reapi_config)  # pytest finds them by name here
 from rex_reapi.cas import SMALL_UPLOAD
 from rex_reapi.proto import bytestream_pb2 as bs_pb2
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
@@ -206,7 +207,9 @@ async def test_write_compressed_blob_is_stored_uncompressed(reapi: Reapi) -> Non
     assert await _read(reapi, _blob_name(digest)) == data
 
 
-async def test_write_with_digest_mismatch_is_invalid_argument_and_stores_nothing(reapi: Reapi) -> None:
+async def test_write_with_digest_mismatch_is_invalid_argument_and_stores_nothing(
+    reapi: Reapi,
+) -> None:
     data = b"the real bytes"
     digest = sha256_digest(b"other bytes of that len")
     digest.size_bytes = len(data)
@@ -297,7 +300,8 @@ async def test_write_ended_without_finish_can_be_resumed(reapi: Reapi) -> None:
     name = _upload_name(digest)
     error = await _write_error(reapi, _requests(name, data[:4000], 1000, finish=False))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status = await reapi.bytestream.QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(resource_name=name))
+    status = await reapi.bytestream.QueryWriteStatus(
+        bs_pb2.QueryWriteStatusRequest(resource_name=name))
     assert (status.committed_size, status.complete) == (4000, False)
     assert await _write(reapi, _requests(name, data, 3000, start=4000)) == len(data)
     assert await _read(reapi, _blob_name(digest)) == data
@@ -319,7 +323,7 @@ async def test_write_broken_midway_resumes_at_the_committed_size(reapi: Reapi) -
     call = reapi.bytestream.Write(broken_stream())
     await sent_enough.wait()
     query = bs_pb2.QueryWriteStatusRequest(resource_name=name)
-    for _ in range(200):  # until the server has taken all three messages in
+    for _ in range(1000):  # until the server has taken all three messages in
         if (await reapi.bytestream.QueryWriteStatus(query)).committed_size == 24_000:
             break
         await asyncio.sleep(0.01)
@@ -329,7 +333,7 @@ async def test_write_broken_midway_resumes_at_the_committed_size(reapi: Reapi) -
     status = await reapi.bytestream.QueryWriteStatus(query)
     assert (status.committed_size, status.complete) == (24_000, False)
     resumed = _requests(name, data, 8000, start=status.committed_size)
-    for _ in range(200):  # the server may not have seen the cancellation yet: ABORTED
+    for _ in range(1000):  # the server may not have seen the cancellation yet: ABORTED
         try:
             committed = await _write(reapi, resumed)
             break
@@ -350,7 +354,8 @@ async def test_compressed_write_resumes_at_the_compressed_offset(reapi: Reapi) -
     half = len(compressed) // 2
     error = await _write_error(reapi, _requests(name, compressed[:half], 100, finish=False))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status = await reapi.bytestream.QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(resource_name=name))
+    status = await reapi.bytestream.QueryWriteStatus(
+        bs_pb2.QueryWriteStatusRequest(resource_name=name))
     assert status.committed_size == half
     await _write(reapi, _requests(name, compressed, 100, start=half))
     assert await _read(reapi, _blob_name(digest)) == data
@@ -373,7 +378,8 @@ async def test_query_write_status_of_a_stored_blob_is_complete(reapi: Reapi) -> 
 
 async def test_query_write_status_with_malformed_name_is_invalid_argument(reapi: Reapi) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await reapi.bytestream.QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(resource_name="junk"))
+        await reapi.bytestream.QueryWriteStatus(
+            bs_pb2.QueryWriteStatusRequest(resource_name="junk"))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -391,7 +397,8 @@ async def test_64_mib_blob_round_trips_through_write_and_read(reapi: Reapi) -> N
 
     assert (await reapi.bytestream.Write(stream())).committed_size == len(data)
     read = bytearray()
-    async for response in reapi.bytestream.Read(bs_pb2.ReadRequest(resource_name=_blob_name(digest))):
+    request = bs_pb2.ReadRequest(resource_name=_blob_name(digest))
+    async for response in reapi.bytestream.Read(request):
         read += response.data
     assert len(read) == len(data)
     assert read == data
@@ -433,7 +440,7 @@ async def test_write_cancelled_while_storing_resumes_where_query_write_status_sa
 
     async def stream() -> AsyncIterator[bs_pb2.WriteRequest]:
         yield requests[0]
-        for _ in range(200):  # until the first message is stored
+        for _ in range(1000):  # until the first message is stored
             if (await reapi.bytestream.QueryWriteStatus(query)).committed_size == 10_000:
                 break
             await asyncio.sleep(0.01)
@@ -449,7 +456,7 @@ async def test_write_cancelled_while_storing_resumes_where_query_write_status_sa
     armed.clear()
     gate.set()
     offset = 0
-    for _ in range(200):  # resume as a client does: ask where, continue from there
+    for _ in range(1000):  # resume as a client does: ask where, continue from there
         try:
             status = await reapi.bytestream.QueryWriteStatus(query)
             offset = status.committed_size
@@ -470,7 +477,8 @@ async def test_concurrent_uploads_of_one_blob_under_two_names_both_succeed(reapi
     data = os.urandom(50_000)
     digest = sha256_digest(data)
     first, second = _upload_name(digest), _upload_name(digest)
-    calls = [_write(reapi, _requests(first, data, 5000)), _write(reapi, _requests(second, data, 7000))]
+    calls = [_write(reapi, _requests(first, data, 5000)),
+             _write(reapi, _requests(second, data, 7000))]
     assert await asyncio.gather(*calls) == [len(data), len(data)]
     assert await _read(reapi, _blob_name(digest)) == data
 

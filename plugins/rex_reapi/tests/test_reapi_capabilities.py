@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from reapi_fixtures import Reapi, reapi, reapi_config, sha256_digest
 
-from reapi_fixtures import Reapi, reapi, reapi_config, sha256_digest  # noqa: F401
+_FIXTURES = (reapi, reapi_config)  # pytest finds them by name here
 from rex_reapi.proto import bytestream_pb2 as bs_pb2
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
 
@@ -16,7 +17,9 @@ def _version(v: object) -> tuple[int, int, int]:
     return (v.major, v.minor, v.patch)  # type: ignore[attr-defined]
 
 
-async def test_capabilities_announce_api_range_digest_functions_and_compressors(reapi: Reapi) -> None:
+async def test_capabilities_announce_api_range_digest_functions_and_compressors(
+    reapi: Reapi,
+) -> None:
     caps = await reapi.capabilities.GetCapabilities(re_pb2.GetCapabilitiesRequest())
     assert _version(caps.low_api_version) <= (2, 0, 0) <= _version(caps.high_api_version)
     assert _version(caps.high_api_version) >= (2, 1, 0)  # output_paths is 2.1
@@ -50,7 +53,8 @@ async def test_capabilities_announce_the_configured_batch_limit(reapi: Reapi) ->
 
 async def test_unknown_instance_name_is_invalid_argument(reapi: Reapi) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await reapi.capabilities.GetCapabilities(re_pb2.GetCapabilitiesRequest(instance_name="nope"))
+        await reapi.capabilities.GetCapabilities(
+            re_pb2.GetCapabilitiesRequest(instance_name="nope"))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "nope" in (raised.value.details() or "")
 

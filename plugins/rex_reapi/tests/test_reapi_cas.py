@@ -7,8 +7,9 @@ import grpc
 import pytest
 import zstandard
 from google.rpc import code_pb2
+from reapi_fixtures import Reapi, reapi, reapi_config, sha256_digest
 
-from reapi_fixtures import Reapi, reapi, reapi_config, sha256_digest  # noqa: F401
+_FIXTURES = (reapi, reapi_config)  # pytest finds them by name here
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
 
 _Fn = re_pb2.DigestFunction.Value
@@ -23,7 +24,9 @@ def _key(digest: re_pb2.Digest) -> tuple[str, int]:
     return digest.hash, digest.size_bytes
 
 
-async def _missing(reapi: Reapi, digests: list[re_pb2.Digest], function: int = 0) -> set[tuple[str, int]]:
+async def _missing(
+    reapi: Reapi, digests: list[re_pb2.Digest], function: int = 0,
+) -> set[tuple[str, int]]:
     response = await reapi.cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(
         blob_digests=digests, digest_function=function))
     return {_key(d) for d in response.missing_blob_digests}
@@ -109,7 +112,9 @@ async def test_batch_update_accepts_zstd_compressed_data(reapi: Reapi) -> None:
     assert read.responses[0].data == data
 
 
-async def test_batch_update_with_corrupt_zstd_is_invalid_argument_for_that_blob(reapi: Reapi) -> None:
+async def test_batch_update_with_corrupt_zstd_is_invalid_argument_for_that_blob(
+    reapi: Reapi,
+) -> None:
     data = b"not really zstd"
     response = await reapi.cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=[
         _Request(digest=sha256_digest(data), data=data, compressor=re_pb2.Compressor.ZSTD)]))
@@ -217,16 +222,20 @@ async def test_get_tree_pages_resume_from_their_token_without_repeats(reapi: Rea
 async def test_get_tree_last_page_has_no_token(reapi: Reapi) -> None:
     root, directories = await _upload_tree(reapi)
     for page_size in (1, 2, len(directories)):
-        pages = await _tree_pages(reapi, re_pb2.GetTreeRequest(root_digest=root, page_size=page_size))
+        pages = await _tree_pages(
+            reapi, re_pb2.GetTreeRequest(root_digest=root, page_size=page_size))
         assert [len(p.directories) for p in pages][:-1] == [page_size] * (len(pages) - 1)
         assert sum(len(p.directories) for p in pages) == len(directories)
         assert [bool(p.next_page_token) for p in pages] == [True] * (len(pages) - 1) + [False]
 
 
-async def test_get_tree_of_a_root_with_a_missing_child_returns_what_is_present(reapi: Reapi) -> None:
+async def test_get_tree_of_a_root_with_a_missing_child_returns_what_is_present(
+    reapi: Reapi,
+) -> None:
     lost = sha256_digest(b"child never uploaded")
     root = re_pb2.Directory(directories=[re_pb2.DirectoryNode(name="gone", digest=lost)])
-    pages = await _tree_pages(reapi, re_pb2.GetTreeRequest(root_digest=await reapi.upload_message(root)))
+    root_digest = await reapi.upload_message(root)
+    pages = await _tree_pages(reapi, re_pb2.GetTreeRequest(root_digest=root_digest))
     assert [d for p in pages for d in p.directories] == [root]
 
 

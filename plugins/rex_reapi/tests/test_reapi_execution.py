@@ -14,10 +14,13 @@ import grpc
 import pytest
 from google.longrunning import operations_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from reapi_fixtures import Reapi, reapi, sha256_digest
 
-from reapi_fixtures import Reapi, reapi, sha256_digest  # noqa: F401
+_FIXTURES = (reapi,)  # pytest finds them by name here
 from rex_reapi.proto import bytestream_pb2 as bs_pb2
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
+
+from rexcore.scheduler.scheduler import Scheduler
 
 _Fn = re_pb2.DigestFunction.Value
 _Stage = re_pb2.ExecutionStage.Value
@@ -118,7 +121,8 @@ async def _follow(stream: AsyncIterator[operations_pb2.Operation]) -> list[_Upda
 
 
 async def _execute(reapi: Reapi, digest: re_pb2.Digest, **request: Any) -> list[_Update]:
-    return await _follow(reapi.execution.Execute(re_pb2.ExecuteRequest(action_digest=digest, **request)))
+    request_message = re_pb2.ExecuteRequest(action_digest=digest, **request)
+    return await _follow(reapi.execution.Execute(request_message))
 
 
 async def _run(reapi: Reapi, digest: re_pb2.Digest, **request: Any) -> re_pb2.ExecuteResponse:
@@ -129,7 +133,9 @@ async def _run(reapi: Reapi, digest: re_pb2.Digest, **request: Any) -> re_pb2.Ex
     return updates[-1].response
 
 
-async def _execute_error(reapi: Reapi, digest: re_pb2.Digest, **request: Any) -> grpc.aio.AioRpcError:
+async def _execute_error(
+    reapi: Reapi, digest: re_pb2.Digest, **request: Any,
+) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await _execute(reapi, digest, **request)
     return raised.value
@@ -138,7 +144,19 @@ async def _execute_error(reapi: Reapi, digest: re_pb2.Digest, **request: Any) ->
 async def _read(reapi: Reapi, digest: re_pb2.Digest, function: str = "") -> bytes:
     segment = f"{function}/" if function else ""
     name = f"blobs/{segment}{digest.hash}/{digest.size_bytes}"
-    return b"".join([r.data async for r in reapi.bytestream.Read(bs_pb2.ReadRequest(resource_name=name))])
+    request = bs_pb2.ReadRequest(resource_name=name)
+    return b"".join([r.data async for r in reapi.bytestream.Read(request)])
+
+
+def _scheduler(reapi: Reapi) -> Scheduler:
+    scheduler = reapi.rexd.runtime.scheduler
+    assert scheduler is not None
+    return scheduler
+
+
+async def _get_operation(reapi: Reapi, name: str) -> _Update:
+    request = operations_pb2.GetOperationRequest(name=name)
+    return _unpack(await reapi.operations.GetOperation(request))
 
 
 def _rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
@@ -243,12 +261,14 @@ async def test_inline_stdout_on_execute_returns_stdout_raw(reapi: Reapi) -> None
     assert cached.cached_result and cached.result.stdout_raw == b"inline-me"
 
 
-async def test_identical_in_flight_actions_are_merged_into_one_run(reapi: Reapi, shared_dir: Path) -> None:
+async def test_identical_in_flight_actions_are_merged_into_one_run(
+    reapi: Reapi, shared_dir: Path,
+) -> None:
     gate = shared_dir / "gate"
     digest = await _action(reapi, _gated(gate, "head -c 16 /dev/urandom | od -x > o"),
                            output_paths=["o"])
     request = re_pb2.ExecuteRequest(action_digest=digest)
-    scheduler = reapi.rexd.runtime.scheduler
+    scheduler = _scheduler(reapi)
     runs_before = scheduler.metrics().total_executions
     first, second = reapi.execution.Execute(request), reapi.execution.Execute(request)
     try:
@@ -260,7 +280,8 @@ async def test_identical_in_flight_actions_are_merged_into_one_run(reapi: Reapi,
     assert all(r is not None and not r.cached_result for r in responses)
     one, two = (r.result for r in responses if r is not None)
     assert one.output_files[0].digest == two.output_files[0].digest  # random bytes: one run
-    assert one.execution_metadata.worker_start_timestamp == two.execution_metadata.worker_start_timestamp
+    started = [r.execution_metadata.worker_start_timestamp for r in (one, two)]
+    assert started[0] == started[1]
     assert scheduler.metrics().total_executions == runs_before + 1
 
 
@@ -329,26 +350,33 @@ async def test_wait_execution_follows_an_operation_by_name(reapi: Reapi, shared_
     response = updates[-1].response
     assert response is not None and response.status.code == code_pb2.OK
     assert await _read(reapi, response.result.stdout_digest) == b"waited"
-    done = _unpack(await reapi.operations.GetOperation(operations_pb2.GetOperationRequest(name=name)))
+    done = await _get_operation(reapi, name)
     assert done.operation.done and done.metadata.stage == _Stage.COMPLETED
-    assert done.response is not None and done.response.result.stdout_digest == response.result.stdout_digest
+    assert done.response is not None
+    assert done.response.result.stdout_digest == response.result.stdout_digest
     again = await _follow(reapi.execution.WaitExecution(re_pb2.WaitExecutionRequest(name=name)))
     assert [u.operation.done for u in again] == [True]
 
 
-async def test_wait_execution_and_get_operation_of_unknown_names_are_not_found(reapi: Reapi) -> None:
+async def test_wait_execution_and_get_operation_of_unknown_names_are_not_found(
+    reapi: Reapi,
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await _follow(reapi.execution.WaitExecution(re_pb2.WaitExecutionRequest(name="operations/nope")))
+        await _follow(reapi.execution.WaitExecution(
+            re_pb2.WaitExecutionRequest(name="operations/nope")))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await reapi.operations.GetOperation(operations_pb2.GetOperationRequest(name="operations/nope"))
+        await reapi.operations.GetOperation(
+            operations_pb2.GetOperationRequest(name="operations/nope"))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await reapi.operations.CancelOperation(operations_pb2.CancelOperationRequest(name="nope"))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_cancel_operation_ends_the_operation_as_cancelled(reapi: Reapi, shared_dir: Path) -> None:
+async def test_cancel_operation_ends_the_operation_as_cancelled(
+    reapi: Reapi, shared_dir: Path,
+) -> None:
     gate = shared_dir / "gate"
     digest = await _action(reapi, _gated(gate))
     execute = reapi.execution.Execute(re_pb2.ExecuteRequest(action_digest=digest))
@@ -361,7 +389,7 @@ async def test_cancel_operation_ends_the_operation_as_cancelled(reapi: Reapi, sh
     assert updates[-1].operation.done
     response = updates[-1].response
     assert response is not None and response.status.code == code_pb2.CANCELLED
-    got = _unpack(await reapi.operations.GetOperation(operations_pb2.GetOperationRequest(name=name)))
+    got = await _get_operation(reapi, name)
     assert got.operation.done
     assert got.response is not None and got.response.status.code == code_pb2.CANCELLED
     with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -400,7 +428,8 @@ async def test_missing_action_command_or_input_root_is_failed_precondition(reapi
     assert [v.subject for v in failure.violations] == [f"blobs/{lost.hash}/{lost.size_bytes}"]
 
     [root] = await reapi.upload(re_pb2.Directory().SerializeToString())
-    for action in (re_pb2.Action(command_digest=sha256_digest(b"lost command"), input_root_digest=root),
+    lost_command = sha256_digest(b"lost command")
+    for action in (re_pb2.Action(command_digest=lost_command, input_root_digest=root),
                    re_pb2.Action(command_digest=await reapi.upload_message(
                        re_pb2.Command(arguments=["/bin/true"])),
                        input_root_digest=sha256_digest(b"lost root"))):
@@ -517,7 +546,7 @@ async def test_output_paths_report_symlinks_in_output_symlinks(reapi: Reapi) -> 
 
 
 async def test_platform_comes_from_the_command_when_the_action_has_none(reapi: Reapi) -> None:
-    scheduler = reapi.rexd.runtime.scheduler
+    scheduler = _scheduler(reapi)
     digest = await _action(reapi, "true", command_platform={"OSFamily": "linux"})
     updates = await _execute(reapi, digest)
     assert updates[-1].response is not None and updates[-1].response.status.code == code_pb2.OK
@@ -535,11 +564,12 @@ async def test_command_platform_no_worker_offers_keeps_the_action_queued(reapi: 
     digest = await _action(reapi, "true", command_platform={"pool": "gpu"})
     execute = reapi.execution.Execute(re_pb2.ExecuteRequest(action_digest=digest))
     first = await _first_update(execute)
-    op = await reapi.rexd.runtime.scheduler.get(first.operation.name)
+    op = await _scheduler(reapi).get(first.operation.name)
     assert op.platform == (("pool", "gpu"),)
     assert first.metadata.stage == _Stage.QUEUED
     await reapi.operations.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name))
-    assert (await _rest(execute))[-1].response.status.code == code_pb2.CANCELLED  # type: ignore[union-attr]
+    response = (await _rest(execute))[-1].response
+    assert response is not None and response.status.code == code_pb2.CANCELLED
 
 
 async def test_sha256_is_assumed_when_no_digest_function_is_named(reapi: Reapi) -> None:
@@ -552,8 +582,9 @@ async def test_sha256_is_assumed_when_no_digest_function_is_named(reapi: Reapi) 
 
 
 async def test_blake3_action_runs_end_to_end(reapi: Reapi) -> None:
-    digest = await _action(reapi, "cat in.txt > out.txt; printf b3", inputs={"in.txt": b"blake3 in"},
-                           output_paths=["out.txt"], function=_Fn.BLAKE3)
+    digest = await _action(reapi, "cat in.txt > out.txt; printf b3",
+                           inputs={"in.txt": b"blake3 in"}, output_paths=["out.txt"],
+                           function=_Fn.BLAKE3)
     updates = await _execute(reapi, digest, digest_function=_Fn.BLAKE3)
     assert all(u.metadata.digest_function == _Fn.BLAKE3 for u in updates)
     response = updates[-1].response
@@ -612,6 +643,6 @@ async def test_cancelling_a_finished_operation_leaves_its_result(reapi: Reapi) -
     updates = await _execute(reapi, digest)
     name = updates[-1].operation.name
     await reapi.operations.CancelOperation(operations_pb2.CancelOperationRequest(name=name))
-    got = _unpack(await reapi.operations.GetOperation(operations_pb2.GetOperationRequest(name=name)))
+    got = await _get_operation(reapi, name)
     assert got.response is not None and got.response.status.code == code_pb2.OK
     assert got.response.result.stdout_digest == sha256_digest(b"kept")

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from reapi_fixtures import Reapi, reapi, reapi_config, sha256_digest
 
-from reapi_fixtures import Reapi, reapi, reapi_config, sha256_digest  # noqa: F401
+_FIXTURES = (reapi, reapi_config)  # pytest finds them by name here
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
 
 _REAPI = "build.bazel.remote.execution.v2"
 SERVICES = [f"{_REAPI}.Execution", f"{_REAPI}.ActionCache", f"{_REAPI}.ContentAddressableStorage",
-            f"{_REAPI}.Capabilities", "google.bytestream.ByteStream", "google.longrunning.Operations"]
+            f"{_REAPI}.Capabilities", "google.bytestream.ByteStream",
+            "google.longrunning.Operations"]
 #: Every method served, by its kind of call.
 UNARY = [f"/{_REAPI}.ContentAddressableStorage/FindMissingBlobs",
          f"/{_REAPI}.ContentAddressableStorage/BatchUpdateBlobs",
@@ -74,10 +77,12 @@ async def test_garbage_request_to_a_streaming_method_fails_and_the_server_lives_
 
 
 @pytest.mark.parametrize("method", CLIENT_STREAMING)
-async def test_garbage_messages_to_write_fail_and_the_server_lives_on(reapi: Reapi, method: str) -> None:
+async def test_garbage_messages_to_write_fail_and_the_server_lives_on(
+    reapi: Reapi, method: str,
+) -> None:
     call = reapi.channel.stream_unary(method, request_serializer=None, response_deserializer=None)
 
-    async def messages():  # noqa: ANN202
+    async def messages() -> AsyncIterator[bytes]:
         for seed in range(3):
             yield _garbage(seed)
 
@@ -119,8 +124,8 @@ async def test_action_with_malformed_digests_is_invalid_argument(reapi: Reapi) -
         assert await _execute_code(reapi, action) == grpc.StatusCode.INVALID_ARGUMENT
     child = re_pb2.Directory(directories=[re_pb2.DirectoryNode(name="sub", digest=bad)])
     [root] = await reapi.upload(child.SerializeToString())
-    assert await _execute_code(reapi, re_pb2.Action(command_digest=command, input_root_digest=root)) \
-        == grpc.StatusCode.INVALID_ARGUMENT
+    action = re_pb2.Action(command_digest=command, input_root_digest=root)
+    assert await _execute_code(reapi, action) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_negative_timeout_is_invalid_argument(reapi: Reapi) -> None:
@@ -131,7 +136,9 @@ async def test_negative_timeout_is_invalid_argument(reapi: Reapi) -> None:
     assert await _execute_code(reapi, action) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_missing_nested_input_directory_is_listed_in_the_precondition_failure(reapi: Reapi) -> None:
+async def test_missing_nested_input_directory_is_listed_in_the_precondition_failure(
+    reapi: Reapi,
+) -> None:
     lost = sha256_digest(b"a directory never uploaded")
     root = re_pb2.Directory(directories=[re_pb2.DirectoryNode(name="sub", digest=lost)])
     [command, root_digest] = await reapi.upload(
@@ -161,7 +168,9 @@ async def test_health_check_reports_serving_for_the_server_and_each_service(reap
 async def test_reflection_lists_the_reapi_services_and_describes_them(reapi: Reapi) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(reapi.channel)
 
-    async def ask(request: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:
+    async def ask(
+        request: reflection_pb2.ServerReflectionRequest,
+    ) -> reflection_pb2.ServerReflectionResponse:
         async for response in stub.ServerReflectionInfo(iter([request])):
             return response
         raise AssertionError("no reflection response")

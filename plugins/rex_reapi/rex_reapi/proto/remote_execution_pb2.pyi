@@ -478,6 +478,46 @@ class GetTreeResponse(_message.Message):
     next_page_token: str
     def __init__(self, directories: _Optional[_Iterable[_Union[Directory, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class SplitBlobRequest(_message.Message):
+    __slots__ = ("instance_name", "blob_digest", "digest_function", "chunking_function")
+    INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    BLOB_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    CHUNKING_FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    instance_name: str
+    blob_digest: Digest
+    digest_function: DigestFunction.Value
+    chunking_function: ChunkingFunction.Value
+    def __init__(self, instance_name: _Optional[str] = ..., blob_digest: _Optional[_Union[Digest, _Mapping]] = ..., digest_function: _Optional[_Union[DigestFunction.Value, str]] = ..., chunking_function: _Optional[_Union[ChunkingFunction.Value, str]] = ...) -> None: ...
+
+class SplitBlobResponse(_message.Message):
+    __slots__ = ("chunk_digests", "chunking_function")
+    CHUNK_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKING_FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    chunk_digests: _containers.RepeatedCompositeFieldContainer[Digest]
+    chunking_function: ChunkingFunction.Value
+    def __init__(self, chunk_digests: _Optional[_Iterable[_Union[Digest, _Mapping]]] = ..., chunking_function: _Optional[_Union[ChunkingFunction.Value, str]] = ...) -> None: ...
+
+class SpliceBlobRequest(_message.Message):
+    __slots__ = ("instance_name", "blob_digest", "chunk_digests", "digest_function", "chunking_function")
+    INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    BLOB_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    CHUNKING_FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    instance_name: str
+    blob_digest: Digest
+    chunk_digests: _containers.RepeatedCompositeFieldContainer[Digest]
+    digest_function: DigestFunction.Value
+    chunking_function: ChunkingFunction.Value
+    def __init__(self, instance_name: _Optional[str] = ..., blob_digest: _Optional[_Union[Digest, _Mapping]] = ..., chunk_digests: _Optional[_Iterable[_Union[Digest, _Mapping]]] = ..., digest_function: _Optional[_Union[DigestFunction.Value, str]] = ..., chunking_function: _Optional[_Union[ChunkingFunction.Value, str]] = ...) -> None: ...
+
+class SpliceBlobResponse(_message.Message):
+    __slots__ = ("blob_digest",)
+    BLOB_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    blob_digest: Digest
+    def __init__(self, blob_digest: _Optional[_Union[Digest, _Mapping]] = ...) -> None: ...
+
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ("instance_name",)
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -570,7 +610,7 @@ class Compressor(_message.Message):
     def __init__(self) -> None: ...
 
 class CacheCapabilities(_message.Message):
-    __slots__ = ("digest_functions", "action_cache_update_capabilities", "cache_priority_capabilities", "max_batch_total_size_bytes", "symlink_absolute_path_strategy", "supported_compressors", "supported_batch_update_compressors")
+    __slots__ = ("digest_functions", "action_cache_update_capabilities", "cache_priority_capabilities", "max_batch_total_size_bytes", "symlink_absolute_path_strategy", "supported_compressors", "supported_batch_update_compressors", "max_cas_blob_size_bytes", "split_blob_support", "splice_blob_support", "fast_cdc_2020_params", "rep_max_cdc_params")
     DIGEST_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     ACTION_CACHE_UPDATE_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     CACHE_PRIORITY_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -578,6 +618,11 @@ class CacheCapabilities(_message.Message):
     SYMLINK_ABSOLUTE_PATH_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     SUPPORTED_COMPRESSORS_FIELD_NUMBER: _ClassVar[int]
     SUPPORTED_BATCH_UPDATE_COMPRESSORS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CAS_BLOB_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_BLOB_SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    SPLICE_BLOB_SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    FAST_CDC_2020_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    REP_MAX_CDC_PARAMS_FIELD_NUMBER: _ClassVar[int]
     digest_functions: _containers.RepeatedScalarFieldContainer[DigestFunction.Value]
     action_cache_update_capabilities: ActionCacheUpdateCapabilities
     cache_priority_capabilities: PriorityCapabilities
@@ -585,7 +630,40 @@ class CacheCapabilities(_message.Message):
     symlink_absolute_path_strategy: SymlinkAbsolutePathStrategy.Value
     supported_compressors: _containers.RepeatedScalarFieldContainer[Compressor.Value]
     supported_batch_update_compressors: _containers.RepeatedScalarFieldContainer[Compressor.Value]
-    def __init__(self, digest_functions: _Optional[_Iterable[_Union[DigestFunction.Value, str]]] = ..., action_cache_update_capabilities: _Optional[_Union[ActionCacheUpdateCapabilities, _Mapping]] = ..., cache_priority_capabilities: _Optional[_Union[PriorityCapabilities, _Mapping]] = ..., max_batch_total_size_bytes: _Optional[int] = ..., symlink_absolute_path_strategy: _Optional[_Union[SymlinkAbsolutePathStrategy.Value, str]] = ..., supported_compressors: _Optional[_Iterable[_Union[Compressor.Value, str]]] = ..., supported_batch_update_compressors: _Optional[_Iterable[_Union[Compressor.Value, str]]] = ...) -> None: ...
+    max_cas_blob_size_bytes: int
+    split_blob_support: bool
+    splice_blob_support: bool
+    fast_cdc_2020_params: FastCdc2020Params
+    rep_max_cdc_params: RepMaxCdcParams
+    def __init__(self, digest_functions: _Optional[_Iterable[_Union[DigestFunction.Value, str]]] = ..., action_cache_update_capabilities: _Optional[_Union[ActionCacheUpdateCapabilities, _Mapping]] = ..., cache_priority_capabilities: _Optional[_Union[PriorityCapabilities, _Mapping]] = ..., max_batch_total_size_bytes: _Optional[int] = ..., symlink_absolute_path_strategy: _Optional[_Union[SymlinkAbsolutePathStrategy.Value, str]] = ..., supported_compressors: _Optional[_Iterable[_Union[Compressor.Value, str]]] = ..., supported_batch_update_compressors: _Optional[_Iterable[_Union[Compressor.Value, str]]] = ..., max_cas_blob_size_bytes: _Optional[int] = ..., split_blob_support: _Optional[bool] = ..., splice_blob_support: _Optional[bool] = ..., fast_cdc_2020_params: _Optional[_Union[FastCdc2020Params, _Mapping]] = ..., rep_max_cdc_params: _Optional[_Union[RepMaxCdcParams, _Mapping]] = ...) -> None: ...
+
+class ChunkingFunction(_message.Message):
+    __slots__ = ()
+    class Value(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        UNKNOWN: _ClassVar[ChunkingFunction.Value]
+        FAST_CDC_2020: _ClassVar[ChunkingFunction.Value]
+        REP_MAX_CDC: _ClassVar[ChunkingFunction.Value]
+    UNKNOWN: ChunkingFunction.Value
+    FAST_CDC_2020: ChunkingFunction.Value
+    REP_MAX_CDC: ChunkingFunction.Value
+    def __init__(self) -> None: ...
+
+class FastCdc2020Params(_message.Message):
+    __slots__ = ("avg_chunk_size_bytes", "seed")
+    AVG_CHUNK_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    avg_chunk_size_bytes: int
+    seed: int
+    def __init__(self, avg_chunk_size_bytes: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class RepMaxCdcParams(_message.Message):
+    __slots__ = ("min_chunk_size_bytes", "horizon_size_bytes")
+    MIN_CHUNK_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HORIZON_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    min_chunk_size_bytes: int
+    horizon_size_bytes: int
+    def __init__(self, min_chunk_size_bytes: _Optional[int] = ..., horizon_size_bytes: _Optional[int] = ...) -> None: ...
 
 class ExecutionCapabilities(_message.Message):
     __slots__ = ("digest_function", "exec_enabled", "execution_priority_capabilities", "supported_node_properties", "digest_functions")

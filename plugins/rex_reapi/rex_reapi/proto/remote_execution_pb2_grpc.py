@@ -288,6 +288,16 @@ class ContentAddressableStorageStub:
                 request_serializer=rex__reapi_dot_proto_dot_remote__execution__pb2.GetTreeRequest.SerializeToString,
                 response_deserializer=rex__reapi_dot_proto_dot_remote__execution__pb2.GetTreeResponse.FromString,
                 _registered_method=True)
+        self.SplitBlob = channel.unary_unary(
+                '/build.bazel.remote.execution.v2.ContentAddressableStorage/SplitBlob',
+                request_serializer=rex__reapi_dot_proto_dot_remote__execution__pb2.SplitBlobRequest.SerializeToString,
+                response_deserializer=rex__reapi_dot_proto_dot_remote__execution__pb2.SplitBlobResponse.FromString,
+                _registered_method=True)
+        self.SpliceBlob = channel.unary_unary(
+                '/build.bazel.remote.execution.v2.ContentAddressableStorage/SpliceBlob',
+                request_serializer=rex__reapi_dot_proto_dot_remote__execution__pb2.SpliceBlobRequest.SerializeToString,
+                response_deserializer=rex__reapi_dot_proto_dot_remote__execution__pb2.SpliceBlobResponse.FromString,
+                _registered_method=True)
 
 
 class ContentAddressableStorageServicer:
@@ -317,6 +327,22 @@ class ContentAddressableStorageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SplitBlob(self, request, context):
+        """Cut a stored blob into content-defined chunks (FastCDC 2020, the advertised
+        parameters), store each chunk as a blob and list their digests in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpliceBlob(self, request, context):
+        """Rebuild a blob from chunks already stored; rex checks every chunk is present and the
+        concatenation hashes to the blob's digest before it stores the blob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContentAddressableStorageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -339,6 +365,16 @@ def add_ContentAddressableStorageServicer_to_server(servicer, server):
                     servicer.GetTree,
                     request_deserializer=rex__reapi_dot_proto_dot_remote__execution__pb2.GetTreeRequest.FromString,
                     response_serializer=rex__reapi_dot_proto_dot_remote__execution__pb2.GetTreeResponse.SerializeToString,
+            ),
+            'SplitBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SplitBlob,
+                    request_deserializer=rex__reapi_dot_proto_dot_remote__execution__pb2.SplitBlobRequest.FromString,
+                    response_serializer=rex__reapi_dot_proto_dot_remote__execution__pb2.SplitBlobResponse.SerializeToString,
+            ),
+            'SpliceBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpliceBlob,
+                    request_deserializer=rex__reapi_dot_proto_dot_remote__execution__pb2.SpliceBlobRequest.FromString,
+                    response_serializer=rex__reapi_dot_proto_dot_remote__execution__pb2.SpliceBlobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +485,60 @@ class ContentAddressableStorage:
             '/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree',
             rex__reapi_dot_proto_dot_remote__execution__pb2.GetTreeRequest.SerializeToString,
             rex__reapi_dot_proto_dot_remote__execution__pb2.GetTreeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/build.bazel.remote.execution.v2.ContentAddressableStorage/SplitBlob',
+            rex__reapi_dot_proto_dot_remote__execution__pb2.SplitBlobRequest.SerializeToString,
+            rex__reapi_dot_proto_dot_remote__execution__pb2.SplitBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SpliceBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/build.bazel.remote.execution.v2.ContentAddressableStorage/SpliceBlob',
+            rex__reapi_dot_proto_dot_remote__execution__pb2.SpliceBlobRequest.SerializeToString,
+            rex__reapi_dot_proto_dot_remote__execution__pb2.SpliceBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,
