@@ -196,3 +196,41 @@ def test_predictive_never_reverses_under_steady_load(rate, service_s, seed):
             current = decision.desired
     reversals = max(0, len(directions) - 1)
     assert reversals <= 2, directions
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 30), st.integers(0, 40)),
+                      min_size=2, max_size=40))
+def test_predictive_never_sizes_below_what_runs_and_always_says_why(steps):
+    """Whatever the counters do, a decision keeps a slot per running action (unless a
+    cooldown holds the current size) and carries a reason naming its need."""
+    policy = create_predictive_policy(PredictiveOptions(),
+                                      attrs.evolve(POOL, scale_up_cooldown_s=0))
+    arrivals = completions = 0
+    for tick, (new, queued, running) in enumerate(steps):
+        arrivals += new
+        completions += new // 2
+        current = max(running, 1)
+        decision = policy.decide(_observation(
+            tick * 15.0, ready=current, running=running, queued=queued, arrivals=arrivals,
+            completions=completions, busy_s=completions * 20.0))
+        assert decision.desired >= running
+        assert decision.reason.startswith("predictive: ") and " needs " in decision.reason
+
+
+def test_predictive_follows_a_jump_of_the_rate_before_its_slow_level_catches_up():
+    """The steady level is slow; a jump beyond the fast rate's noise still grows the
+    pool within a few intervals, with nobody queued yet."""
+    policy = create_predictive_policy(PredictiveOptions(),
+                                      attrs.evolve(POOL, scale_up_cooldown_s=0))
+    arrivals, desired = 0, 1
+    for tick in range(60):
+        per_tick = 3 if tick < 40 else 30  # 0.2/s, then 2/s
+        arrivals += per_tick
+        decision = policy.decide(_observation(
+            tick * 15.0, ready=desired, running=0, arrivals=arrivals,
+            completions=arrivals, busy_s=arrivals * 10.0))
+        desired = decision.desired
+        if tick == 39:
+            before = desired
+    assert desired >= 2 * before, (before, desired)

@@ -34,6 +34,10 @@ class WorkerState(enum.Enum):
     DRAINING = "draining"  # finishing its actions; terminated once it has exited
     FAILED = "failed"
 
+    # Members are singletons: identity hashing is consistent with Enum's equality and
+    # spares the pool a Python-level Enum.__hash__ per worker per tick (counts, active).
+    __hash__ = object.__hash__
+
 
 #: Which workers a scale-in drains first: those not serving yet, then idle ones.
 _DRAIN_ORDER = {WorkerState.STARTING: 0, WorkerState.IDLE: 1, WorkerState.BUSY: 2}

@@ -34,8 +34,8 @@ from rexcore.pool.scaling.policies import (
     create_reactive_policy,
     create_static_policy,
 )
-from rexcore.providers.interface import ProvidedWorkerState, WorkerLaunch
-from rexcore.providers.mock import MockProvider, MockProviderOptions
+from rexcore.providers.interface import ProvidedWorker, ProvidedWorkerState, WorkerLaunch
+from rexcore.providers.mock import MockProvider, MockProviderOptions, MockWorker
 
 __all__ = [
     "BASELINES",
@@ -218,6 +218,67 @@ def _quantile(ordered: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class _SimulatedProvider(MockProvider):
+    """The ``mock`` provider with the same states and billing, settled incrementally.
+
+    :meth:`MockProvider.settle` looks at every live worker, and it runs on every drain
+    and on every action a draining worker finishes: with hundreds of workers that was
+    most of a run. Here the starting workers wait in a heap by the time they run and
+    the draining ones in a dict, so a settle touches only workers whose state can
+    change. A draining worker becomes idle only when it finishes an action, and the
+    coordinator settles right then, so no idle draining worker outlives a settle.
+    """
+
+    def __init__(self, options: MockProviderOptions, *, clock: Callable[[], float]) -> None:
+        super().__init__(options, clock=clock)
+        self._starting: list[tuple[float, int, MockWorker]] = []
+        self._draining: dict[str, MockWorker] = {}
+        self._listed: dict[str, ProvidedWorker] = {}
+        self._seen_created = 0
+
+    def settle(self) -> None:
+        now = self.clock()
+        created = self.created
+        for index in range(self._seen_created, len(created)):
+            worker = created[index]
+            heapq.heappush(self._starting, (worker.running_at, index, worker))
+        self._seen_created = len(created)
+        while self._starting and self._starting[0][0] <= now:
+            worker = heapq.heappop(self._starting)[2]
+            if worker.state is ProvidedWorkerState.STARTING:
+                worker.state = ProvidedWorkerState.RUNNING
+        for worker in [w for w in self._draining.values() if not self.busy(w.worker_id)]:
+            if worker.state is ProvidedWorkerState.DRAINING:
+                self._stop(worker, now)
+
+    def _stop(self, worker: MockWorker, now: float) -> None:
+        self._draining.pop(worker.worker_id, None)
+        self._listed.pop(worker.worker_id, None)
+        super()._stop(worker, now)
+
+    async def list_workers(self) -> Sequence[ProvidedWorker]:
+        # The same answer as the mock's, reusing each worker's last (frozen) entry.
+        self.settle()
+        listed, entries = self._listed, []
+        for worker in self._live.values():
+            entry = listed.get(worker.worker_id)
+            if entry is None or entry.state is not worker.state:
+                entry = listed[worker.worker_id] = ProvidedWorker(worker.worker_id, worker.state)
+            entries.append(entry)
+        return entries
+
+    @property
+    def active_count(self) -> int:
+        """Workers not stopped and not draining: what the provisioner counts as active."""
+        return len(self._live) - len(self._draining)
+
+    async def drain(self, worker_id: str) -> None:
+        worker = self._live.get(worker_id)
+        if worker is not None:
+            self._draining[worker_id] = worker
+        await super().drain(worker_id)
+
+
 class _SimulatedCoordinator:
     """The scheduler's part: FIFO queue, idle joined workers, the load the pool reads."""
 
@@ -227,23 +288,26 @@ class _SimulatedCoordinator:
         self.queue: deque[Arrival] = deque()
         self.idle: dict[str, None] = {}  # insertion-ordered: the longest idle works first
         self.busy: dict[str, float] = {}
+        #: Joined workers that take actions and the actions each runs (what ``load``
+        #: reports), kept as they change rather than rebuilt every tick.
+        self.running_by_worker: dict[str, int] = {}
         self.events: list[tuple[float, int, str, str]] = []
         self.waits: list[float] = []
         self.arrivals = self.completions = 0
         self.busy_s = 0.0
         self._seq = 0
         self._seen_created = 0
+        self._seen_calls = 0
 
     def push(self, when: float, kind: str, worker_id: str) -> None:
         self._seq += 1
         heapq.heappush(self.events, (when, self._seq, kind, worker_id))
 
     def load(self) -> SchedulerLoad:
-        running = {w: 1 for w in self.busy}
-        running.update(dict.fromkeys(self.idle, 0))
         return SchedulerLoad(queued=len(self.queue), running=len(self.busy),
                              arrivals=self.arrivals, completions=self.completions,
-                             busy_s=self.busy_s, running_by_worker=running)
+                             busy_s=self.busy_s,
+                             running_by_worker=dict(self.running_by_worker))
 
     def arrive(self, arrival: Arrival) -> None:
         self.arrivals += 1
@@ -257,21 +321,25 @@ class _SimulatedCoordinator:
             arrived, duration = self.queue.popleft()
             self.waits.append(self.now - arrived)
             self.busy[worker_id] = duration
+            self.running_by_worker[worker_id] = 1
             self.push(self.now + duration, "done", worker_id)
 
     def finish(self, worker_id: str) -> None:
         self.completions += 1
         self.busy_s += self.busy.pop(worker_id)
         if self._draining(worker_id):
+            del self.running_by_worker[worker_id]
             self.provider.settle()  # it exits now that it is idle: billing stops here
         else:
             self.idle[worker_id] = None
+            self.running_by_worker[worker_id] = 0
             self.dispatch()
 
     def join(self, worker_id: str) -> None:
         if not self._draining(worker_id):
             self.provider.settle()
             self.idle[worker_id] = None
+            self.running_by_worker[worker_id] = 0
             self.dispatch()
 
     def _draining(self, worker_id: str) -> bool:
@@ -284,8 +352,14 @@ class _SimulatedCoordinator:
         for worker in created[self._seen_created:]:
             self.push(worker.running_at, "join", worker.worker_id)
         self._seen_created = len(created)
-        for worker_id in [w for w in self.idle if self._draining(w)]:
-            del self.idle[worker_id]
+        # Only a drain or a terminate since the last tick can have stopped an idle worker.
+        calls = self.provider.calls
+        for method, worker_id in calls[self._seen_calls:]:
+            if (method in ("drain", "terminate") and worker_id in self.idle
+                    and self._draining(worker_id)):  # type: ignore[arg-type]
+                del self.idle[worker_id]  # type: ignore[arg-type]
+                del self.running_by_worker[worker_id]  # type: ignore[arg-type]
+        self._seen_calls = len(calls)
         self.provider.settle()
 
 
@@ -329,8 +403,8 @@ async def _simulate(workload: Workload, policy_name: str, startup_s: float, seed
     if policy_name not in policies:
         raise ValueError(f"unknown policy {policy_name!r}; choose one of {', '.join(policies)}")
     clock = [-startup_s]  # the first workers are asked for so as to be ready at 0
-    provider = MockProvider(MockProviderOptions(start_delay_s=startup_s, seed=seed),
-                            clock=lambda: clock[0])
+    provider = _SimulatedProvider(MockProviderOptions(start_delay_s=startup_s, seed=seed),
+                                  clock=lambda: clock[0])
     coordinator = _SimulatedCoordinator(provider)
     provider.busy = coordinator.busy.__contains__
     worker_pool = WorkerPool(config, provider, WorkerLaunch("sim://"),
@@ -362,7 +436,7 @@ async def _simulate(workload: Workload, policy_name: str, startup_s: float, seed
             await worker_pool.tick()
             coordinator.after_tick()
             next_tick += interval
-            peak_workers = max(peak_workers, len(worker_pool.provisioner.active))
+            peak_workers = max(peak_workers, provider.active_count)
     end = clock[0]
     worker_seconds = sum(
         max(0.0, min(end, w.stopped_at if w.stopped_at is not None else end)

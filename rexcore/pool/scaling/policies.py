@@ -143,7 +143,9 @@ def create_reactive_policy(options: ReactiveOptions, pool: PoolConfig) -> Reacti
 class PredictiveOptions:
     """Options of the ``predictive`` policy (see docs/autoscaling.md).
 
-    ``alpha``: smoothing of the arrival rate and service time. ``trend_samples``:
+    ``alpha``: smoothing of the arrival rate that detects changes. ``level_alpha``:
+    smoothing of the steady arrival rate the pool is sized for while the fast one agrees
+    with it. ``service_alpha``: smoothing of the service time. ``trend_samples``:
     observations the trend is fitted over. ``wait_objective_s`` and ``wait_quantile``:
     the queue wait to keep (by default 95% of actions start within 30 s).
     ``initial_service_s``: the service time assumed until actions have finished.
@@ -155,6 +157,10 @@ class PredictiveOptions:
     wait_objective_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
     wait_quantile: float = attrs.field(default=0.95, validator=_unit)
     initial_service_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    service_alpha: float = attrs.field(default=0.05, validator=attrs.validators.and_(
+        attrs.validators.gt(0), attrs.validators.le(1)))
+    level_alpha: float = attrs.field(default=0.05, validator=attrs.validators.and_(
+        attrs.validators.gt(0), attrs.validators.le(1)))
 
 
 class PredictivePolicy:
@@ -162,10 +168,10 @@ class PredictivePolicy:
 
     Three needs, in slots, and the largest wins:
 
-    * **tail**: Erlang C slots for the forecast arrival rate times the service time, so
-      that ``wait_quantile`` of actions wait at most ``wait_objective_s``;
-    * **backlog**: the queue projected to the moment a worker asked for now joins
-      (``startup_s`` ahead), worked off within the objective, on top of the steady load;
+    * **tail**: Erlang C slots for the sized arrival rate (the steady level while the
+      fast rate agrees with it, plus the forecast) times the service time, so that
+      ``wait_quantile`` of actions wait at most ``wait_objective_s``;
+    * **backlog**: the running actions plus the queue worked off within the objective;
     * **running**: actions running now (a worker running one is never drained anyway).
 
     The forecast is the smoothed rate plus its significant upward trend over the start-up
@@ -177,7 +183,8 @@ class PredictivePolicy:
         self.max_slots = max(pool.max_workers, 1) * pool.slots_per_worker
         self.interval_s = pool.evaluation_interval_s
         self.predictor = LoadPredictor(options.alpha, options.trend_samples,
-                                       options.initial_service_s)
+                                       options.initial_service_s, options.service_alpha,
+                                       options.level_alpha)
         self.gate = ScalingGate(pool.scale_up_cooldown_s, pool.scale_down_cooldown_s)
 
     def decide(self, observation: PoolObservation) -> ScalingDecision:
@@ -185,7 +192,16 @@ class PredictivePolicy:
         predictor.observe(o.now, o.arrivals, o.completions, o.busy_s)
         service_s = predictor.service_s
         horizon_s = o.startup_s + self.interval_s
-        rate = max(predictor.rate or 0.0, predictor.forecast(horizon_s))
+        # Size for the slow, steady level of the arrival rate while the fast estimate
+        # agrees with it within its noise; once the fast one leaves that band the load
+        # has moved, and the sized rate follows it to the edge of the band. The noise of
+        # the sized rate is then the level's, which the scale-in window would otherwise
+        # turn into idle workers (it keeps the largest size asked for over 2 minutes).
+        fast, level = predictor.rate or 0.0, predictor.level or 0.0
+        fast_spread = 2 * math.sqrt(max(fast, level) / self._memory_s(options.alpha))
+        steady = min(max(level, fast - fast_spread), fast + fast_spread)
+        forecast = predictor.trend() * horizon_s  # >= 0: a forecast only adds capacity
+        rate = steady + forecast
         tail = erlang_c_slots(rate * service_s, service_s, options.wait_objective_s,
                               options.wait_quantile, self.max_slots)
         # What is here now: every running action keeps its slot, and the queue is worked
@@ -194,11 +210,10 @@ class PredictivePolicy:
         slots = max(tail, backlog, o.running)
         wanted = math.ceil(slots / o.slots_per_worker - 1e-9)
         need = {tail: "tail", backlog: "backlog"}.get(slots, "running")
-        # Counted arrivals are noisy: with nobody waiting, grow only as far as the rate's
+        # The sized rate is still noisy: with nobody waiting, grow only as far as its
         # lower confidence bound asks, and shrink only as far as its upper bound allows,
         # so that noise alone never starts a grow-shrink cycle (a queue acts at once).
-        memory_s = self.interval_s * (2 - options.alpha) / options.alpha
-        spread = 2 * math.sqrt(rate / memory_s)
+        spread = 2 * math.sqrt(rate / self._memory_s(options.level_alpha))
         if o.queued == 0 and wanted > o.current:
             bounded = self._workers(max(0.0, rate - spread), service_s, backlog, o)
             if bounded < wanted:
@@ -209,11 +224,15 @@ class PredictivePolicy:
                 need, wanted = f"{need} (within noise: {bounded})", min(o.current, bounded)
         reason = (
             f"predictive: {need} needs {wanted} (arrivals {rate:.3g}/s incl. forecast "
-            f"{predictor.forecast(horizon_s) - (predictor.rate or 0.0):+.3g}/s, service "
+            f"{forecast:+.3g}/s, fast {fast:.3g}/s, level {level:.3g}/s, service "
             f"{service_s:.3g}s, {o.queued} queued, {o.running} running, p"
             f"{options.wait_quantile * 100:g} wait objective {options.wait_objective_s:g}s)"
         )
         return self.gate.apply(o.now, o.current, wanted, reason)
+
+    def _memory_s(self, alpha: float) -> float:
+        """The window whose plain mean is as noisy as an EWMA of per-interval rates."""
+        return self.interval_s * (2 - alpha) / alpha
 
     def _workers(self, rate: float, service_s: float, backlog: float,
                  o: PoolObservation) -> int:

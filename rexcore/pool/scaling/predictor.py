@@ -10,10 +10,12 @@ __all__ = ["LoadPredictor", "erlang_c_slots"]
 
 
 class LoadPredictor:
-    """Arrival rate by exponential smoothing (``alpha``), the mean service time as the
-    ratio of smoothed busy seconds to smoothed completions (a mean of per-interval means
-    would let one interval with a single long action swing it), and the trend of the
-    arrival rate over the last ``trend_samples`` observations.
+    """Arrival rate by exponential smoothing (``alpha``, fast; ``level_alpha``, the slow
+    steady level), the mean service time as the ratio of smoothed busy seconds to smoothed
+    completions (``service_alpha``; a mean of per-interval means would let one interval
+    with a single long action swing it, and a short memory lets a few long actions swing
+    it by half), and the trend of the arrival rate over the last ``trend_samples``
+    observations.
 
     The trend is fitted to the raw per-interval rates, not the smoothed ones (those are
     correlated, which would make any wiggle look significant), and only the part that
@@ -21,8 +23,12 @@ class LoadPredictor:
     slope multiplied by a five-minute start-up time would buy workers nobody needs.
     """
 
-    def __init__(self, alpha: float, trend_samples: int, initial_service_s: float) -> None:
+    def __init__(self, alpha: float, trend_samples: int, initial_service_s: float,
+                 service_alpha: float | None = None, level_alpha: float | None = None) -> None:
         self.alpha = alpha
+        self.level_alpha = alpha if level_alpha is None else level_alpha
+        self.level: float | None = None
+        self.service_alpha = alpha if service_alpha is None else service_alpha
         self.rate: float | None = None
         self._initial_service_s = initial_service_s
         self._done_rate = 0.0
@@ -36,8 +42,9 @@ class LoadPredictor:
             return self._initial_service_s
         return self._busy_rate / self._done_rate
 
-    def _smooth(self, old: float | None, sample: float) -> float:
-        return sample if old is None else self.alpha * sample + (1 - self.alpha) * old
+    def _smooth(self, old: float | None, sample: float, alpha: float | None = None) -> float:
+        alpha = self.alpha if alpha is None else alpha
+        return sample if old is None else alpha * sample + (1 - alpha) * old
 
     def observe(self, now: float, arrivals: int, completions: int, busy_s: float) -> None:
         last, self._last = self._last, (now, arrivals, completions, busy_s)
@@ -46,12 +53,15 @@ class LoadPredictor:
         elapsed = now - last[0]
         sample = max(0, arrivals - last[1]) / elapsed
         self.rate = self._smooth(self.rate, sample)
+        self.level = self._smooth(self.level, sample, self.level_alpha)
         self._samples.append((now, sample))
         finished = completions - last[2]
         if finished > 0 or self._done_rate > 0:
-            self._done_rate = self._smooth(self._done_rate or None, max(0, finished) / elapsed)
+            self._done_rate = self._smooth(self._done_rate or None, max(0, finished) / elapsed,
+                                           self.service_alpha)
             self._busy_rate = self._smooth(self._busy_rate or None,
-                                           max(busy_s - last[3], 0.0) / elapsed)
+                                           max(busy_s - last[3], 0.0) / elapsed,
+                                           self.service_alpha)
 
     def trend(self) -> float:
         """The rise of the arrival rate per second, if significant; else 0."""
