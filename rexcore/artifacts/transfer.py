@@ -24,8 +24,8 @@ import asyncio
 import enum
 import os
 import threading
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Protocol, TypeVar, runtime_checkable
 
 import attrs
@@ -58,7 +58,9 @@ __all__ = [
     "TransferError",
     "TransferManager",
     "TransferOptions",
+    "TransferProgress",
     "TransferReport",
+    "TreeReport",
     "decode_chunk",
     "encode_chunk",
     "verify_chunk",
@@ -66,6 +68,8 @@ __all__ = [
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+#: ``progress(done_bytes, total_bytes)``: bytes of the blob in place so far, as chunks land.
+TransferProgress = Callable[[int, int], None]
 
 
 class ChunkEncoding(enum.Enum):
@@ -232,6 +236,26 @@ class TransferReport:
         return sum(t.wire_size for t in self.moved)
 
 
+@attrs.frozen
+class TreeReport:
+    """What a tree transfer did, per file (POSIX paths relative to the tree's root)."""
+
+    files: Mapping[str, TransferReport]
+
+    @property
+    def blobs(self) -> dict[str, Digest]:
+        """Each file's blob digest: what :meth:`TransferManager.download_tree` takes."""
+        return {path: report.blob for path, report in self.files.items()}
+
+    @property
+    def bytes_moved(self) -> int:
+        return sum(report.bytes_moved for report in self.files.values())
+
+    @property
+    def wire_bytes(self) -> int:
+        return sum(report.wire_bytes for report in self.files.values())
+
+
 class TransferManager:
     """Uploads and downloads files through chunk manifests against a :class:`ChunkRemote`.
 
@@ -251,29 +275,48 @@ class TransferManager:
         self.params = params
         self.options = options or TransferOptions()
 
-    async def upload_file(self, path: str | os.PathLike[str]) -> TransferReport:
-        """Send the chunks of ``path`` the remote lacks, then its manifest."""
+    async def upload_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        manifest: ChunkManifest | None = None,
+        progress: TransferProgress | None = None,
+    ) -> TransferReport:
+        """Send the chunks of ``path`` the remote lacks, then its manifest. ``manifest`` is
+        the file's, if the caller cut it already (every chunk is verified as it is read)."""
         path = Path(path)
-        manifest = await asyncio.to_thread(chunk_file, path, self.params, self.function)
-        first_offset: dict[Digest, int] = {}
-        for offset, chunk in manifest:
-            first_offset.setdefault(chunk, offset)
-        missing = await self.remote.find_missing(list(first_offset))
+        if manifest is None:
+            manifest = await asyncio.to_thread(chunk_file, path, self.params, self.function)
+        placements = manifest.placements()
+        missing = await self.remote.find_missing(list(placements))
         moved: list[ChunkTransfer] = []
+        track = _Tracker(manifest, placements, missing, progress)
         if missing:
             fd = await _in_thread(os.open, path, os.O_RDONLY, discard=os.close)
             try:
                 moved = await self._each(
-                    missing, lambda chunk: self._send(path, fd, chunk, first_offset[chunk])
+                    missing,
+                    lambda chunk: track(self._send(path, fd, chunk, placements[chunk][0])),
                 )
             finally:
                 os.close(fd)
+        size = (await asyncio.to_thread(os.stat, path)).st_size
+        if size != manifest.blob.size:
+            raise BlobMismatchError(
+                f"{path} changed while it was uploaded ({manifest.blob.size} bytes when cut, "
+                f"{size} now); no manifest was stored, upload it again"
+            )
         if moved or not await self._remote_holds(manifest):
             await self.remote.put_manifest(manifest)
-        return TransferReport(manifest, tuple(moved), len(first_offset) - len(moved))
+        return TransferReport(manifest, tuple(moved), len(placements) - len(moved))
 
     async def download_file(
-        self, blob: Digest, path: str | os.PathLike[str], *, reuse_existing: bool = True
+        self,
+        blob: Digest,
+        path: str | os.PathLike[str],
+        *,
+        reuse_existing: bool = True,
+        progress: TransferProgress | None = None,
     ) -> TransferReport:
         """Fetch ``blob`` into ``path`` (replaced atomically), moving only chunks that are
         not already at hand; ``reuse_existing`` takes chunks from an older ``path``."""
@@ -302,8 +345,9 @@ class TransferManager:
                 missing = await self.remote.find_missing(wanted_list) if wanted_list else []
                 if missing:
                     raise MissingChunksError(blob, missing, "the remote")
+                track = _Tracker(manifest, placements, wanted_list, progress)
                 moved = await self._each(
-                    wanted_list, lambda chunk: self._fetch(fd, chunk, placements[chunk])
+                    wanted_list, lambda chunk: track(self._fetch(fd, chunk, placements[chunk]))
                 )
                 await _in_thread(_verify_file, fd, blob, path)
             finally:
@@ -313,6 +357,48 @@ class TransferManager:
             await asyncio.to_thread(partial.unlink, missing_ok=True)
             raise
         return TransferReport(manifest, tuple(moved), len(placements) - len(moved))
+
+    async def upload_tree(
+        self, root: str | os.PathLike[str], *, files_at_once: int = 4
+    ) -> TreeReport:
+        """Upload every regular file under ``root`` (symlinks are not followed nor sent,
+        empty directories not recorded), ``files_at_once`` files at a time, each through
+        its manifest; chunks shared between files move once."""
+        root = Path(root)
+        paths = await asyncio.to_thread(_regular_files, root)
+        reports = await self._each(
+            paths,
+            lambda relative: self._tagged(relative, self.upload_file(root / relative)),
+            limit=files_at_once,
+        )
+        return TreeReport(dict(sorted(reports)))
+
+    async def download_tree(
+        self,
+        blobs: Mapping[str, Digest],
+        root: str | os.PathLike[str],
+        *,
+        files_at_once: int = 4,
+    ) -> TreeReport:
+        """Fetch each ``{relative path: blob}`` under ``root`` (as :attr:`TreeReport.blobs`
+        gives), ``files_at_once`` at a time; files already there lend their chunks. A path
+        that would leave ``root`` is refused before anything moves."""
+        root = Path(root)
+        targets = {relative: root / _inside(relative) for relative in blobs}
+
+        async def fetch(relative: str) -> tuple[str, TransferReport]:
+            target = targets[relative]
+            await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+            return await self._tagged(relative, self.download_file(blobs[relative], target))
+
+        reports = await self._each(list(blobs), fetch, limit=files_at_once)
+        return TreeReport(dict(sorted(reports)))
+
+    @staticmethod
+    async def _tagged(
+        relative: str, transfer: Awaitable[TransferReport]
+    ) -> tuple[str, TransferReport]:
+        return relative, await transfer
 
     async def _remote_holds(self, manifest: ChunkManifest) -> bool:
         try:
@@ -343,9 +429,14 @@ class TransferManager:
         await _in_thread(_write_chunk, fd, chunk, payload, offsets)
         return ChunkTransfer(chunk, payload.encoding, len(payload.data))
 
-    async def _each(self, items: Collection[_T], step: Callable[[_T], Awaitable[_R]]) -> list[_R]:
-        """``step`` over ``items``, at most ``options.concurrency`` at a time; the first
-        failure cancels the rest and is raised as it is."""
+    async def _each(
+        self,
+        items: Collection[_T],
+        step: Callable[[_T], Awaitable[_R]],
+        limit: int | None = None,
+    ) -> list[_R]:
+        """``step`` over ``items``, at most ``limit`` (``options.concurrency``) at a time;
+        the first failure cancels the rest and is raised as it is."""
         results: list[_R] = []
         pending = iter(items)
 
@@ -353,9 +444,8 @@ class TransferManager:
             for item in pending:
                 results.append(await step(item))
 
-        workers = [
-            asyncio.create_task(worker()) for _ in range(min(self.options.concurrency, len(items)))
-        ]
+        bound = limit or self.options.concurrency
+        workers = [asyncio.create_task(worker()) for _ in range(min(bound, len(items)))]
         try:
             await asyncio.gather(*workers)
         finally:
@@ -363,6 +453,31 @@ class TransferManager:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
         return results
+
+
+class _Tracker:
+    """Reports progress as chunk transfers finish: the bytes of the blob in place."""
+
+    def __init__(
+        self,
+        manifest: ChunkManifest,
+        placements: dict[Digest, list[int]],
+        to_move: Sequence[Digest],
+        progress: TransferProgress | None,
+    ) -> None:
+        self.total = manifest.blob.size
+        self.placements = placements
+        self.progress = progress
+        self.done = self.total - sum(d.size * len(placements[d]) for d in set(to_move))
+        if progress is not None:
+            progress(self.done, self.total)
+
+    async def __call__(self, transfer: Awaitable[ChunkTransfer]) -> ChunkTransfer:
+        moved = await transfer
+        if self.progress is not None:
+            self.done += moved.digest.size * len(self.placements[moved.digest])
+            self.progress(self.done, self.total)
+        return moved
 
 
 async def _in_thread(
@@ -386,6 +501,28 @@ async def _in_thread(
             discard(future.result())
         raise asyncio.CancelledError
     return future.result()
+
+
+def _regular_files(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory; upload_tree sends a directory")
+    found: list[str] = []
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = Path(directory, name)
+            if path.is_file() and not path.is_symlink():
+                found.append(path.relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _inside(relative: str) -> PurePosixPath:
+    path = PurePosixPath(relative)
+    if path.is_absolute() or not path.parts or ".." in path.parts or "\\" in relative:
+        raise InvalidManifestError(
+            f"tree path {relative!r} would leave the tree's root; paths are relative, "
+            "'/'-separated and without '..'; nothing was downloaded"
+        )
+    return path
 
 
 def _open_partial(partial: Path, size: int) -> int:

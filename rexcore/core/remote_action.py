@@ -219,7 +219,8 @@ async def _fetch_outputs(client: RexClient, result: ActionResult, workdir: Path)
     for file in result.output_files:
         target = workdir / check_relative_path(file.path, "output")
         target.parent.mkdir(parents=True, exist_ok=True)
-        _clear(target)
+        if target.is_symlink() or not target.is_file():
+            _clear(target)  # an older regular file stays: a chunked download reuses its chunks
         await client.download_file(file.digest, target)
         if file.is_executable:
             os.chmod(target, 0o755)

@@ -6,6 +6,11 @@
         digest = await client.upload_file("big.tar")
         await client.download_file(digest, "copy.tar")
 
+Files of :data:`CHUNKED_MIN_SIZE` bytes or more move as content-defined chunks through
+manifests (:class:`~rexcore.artifacts.transfer.TransferManager` over
+:class:`HttpChunkRemote`): only the chunks the other side lacks travel, so an edited file
+re-sends what the edit touched, and an interrupted transfer resumes where it stopped.
+
 Every failure is a :class:`RexClientError`; its message names the server, the cause and
 what to do next.
 """
@@ -19,7 +24,7 @@ import ctypes
 import hashlib
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, Self
 
@@ -28,17 +33,38 @@ import blake3
 import orjson
 from yarl import URL
 
+from rexcore.artifacts.chunking import chunk_file
 from rexcore.artifacts.digest import Digest, DigestFunction, parse_digest
+from rexcore.artifacts.manifest import (
+    REAPI_CHUNKING,
+    BlobMismatchError,
+    ChunkManifest,
+    CorruptChunkError,
+    InvalidManifestError,
+    ManifestNotFoundError,
+    MissingChunksError,
+    TransferError,
+)
+from rexcore.artifacts.transfer import (
+    ChunkEncoding,
+    ChunkPayload,
+    TransferManager,
+    TransferOptions,
+)
 from rexcore.serialization.action_result import ActionResult
 from rexcore.serialization.codec import WireFormatError, decode, encode
 from rexcore.serialization.operation import OperationView, SchedulerStatus
 from rexcore.serialization.worker_protocol import SyncRequest, SyncResponse
 
 __all__ = [
+    "ACCEPT_CHUNK_ENCODING_HEADER",
+    "CHUNKED_MIN_SIZE",
+    "CHUNK_ENCODING_HEADER",
     "DEFAULT_SERVER",
     "INLINE_BLOB_LIMIT",
     "BlobNotFound",
     "DigestMismatch",
+    "HttpChunkRemote",
     "InvalidAction",
     "MissingBlobs",
     "NotAuthorized",
@@ -64,6 +90,15 @@ _FIND_MISSING_BATCH = 50_000
 #: The most bytes of blobs :meth:`RexClient.execute` sends inline (as base64 in its JSON
 #: body); larger sets go up with PUTs first.
 INLINE_BLOB_LIMIT = 1 << 20
+#: Files (and blobs) this large or larger move as chunks through manifests. Chunking starts
+#: to pay once a file spans several chunks: below that the extra round trips, and the
+#: server writing the blob a second time when it splices the chunks, cost more than an
+#: edit can save. Four of the largest REAPI chunks (2 MiB each).
+CHUNKED_MIN_SIZE = 4 * REAPI_CHUNKING.max_size
+#: How a chunk's bytes travel (``identity`` or ``zstd``), on a chunk PUT and a GET's answer.
+CHUNK_ENCODING_HEADER = "Rex-Chunk-Encoding"
+#: The encodings a chunk GET accepts (``zstd``); the server compresses only when it pays.
+ACCEPT_CHUNK_ENCODING_HEADER = "Rex-Accept-Chunk-Encoding"
 
 
 class RexClientError(Exception):
@@ -176,8 +211,18 @@ class RexClient:
     silent in the middle of a response; transfers as such have no deadline.
     """
 
-    def __init__(self, base_url: str, *, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 60.0,
+        chunked_min_size: int = CHUNKED_MIN_SIZE,
+        transfer: TransferOptions | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        #: Files and blobs at least this large move as chunks (see the module docs).
+        self.chunked_min_size = max(chunked_min_size, REAPI_CHUNKING.max_size)
+        self.transfer = transfer or TransferOptions()
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
         )
@@ -319,6 +364,8 @@ class RexClient:
         while it is uploaded raises :class:`RexClientError` and nothing is stored.
         """
         path = Path(path)
+        if (await asyncio.to_thread(path.stat)).st_size >= self.chunked_min_size:
+            return await self._upload_chunked(path, function, progress)
         digest = await asyncio.to_thread(_hash_file, path, function)
         if await self.contains(digest):
             if progress is not None:
@@ -333,6 +380,26 @@ class RexClient:
                 code=exc.code,
             ) from exc
         return digest
+
+    def chunk_transfers(self, function: DigestFunction) -> TransferManager:
+        """A transfer manager moving chunks to and from this server."""
+        return TransferManager(HttpChunkRemote(self), function, REAPI_CHUNKING, self.transfer)
+
+    async def _upload_chunked(
+        self, path: Path, function: DigestFunction, progress: Progress | None
+    ) -> Digest:
+        manifest = await asyncio.to_thread(chunk_file, path, REAPI_CHUNKING, function)
+        blob = manifest.blob
+        if not await self.contains(blob):
+            try:
+                await self.chunk_transfers(function).upload_file(
+                    path, manifest=manifest, progress=progress
+                )
+            except TransferError as exc:
+                raise _transfer_failed(exc, self.base_url) from exc
+        if progress is not None:
+            progress(blob.size, blob.size)
+        return blob
 
     async def get_blob(self, digest: Digest) -> bytes:
         """Download one blob into memory, verified against its digest."""
@@ -352,6 +419,19 @@ class RexClient:
         digest mismatch) it is removed and ``path`` is left untouched.
         """
         path = Path(path)
+        if digest.size >= self.chunked_min_size:
+            try:
+                await self.chunk_transfers(digest.function).download_file(
+                    digest, path, progress=progress
+                )
+            except ManifestNotFoundError:
+                pass  # not stored (the GET below says so) or an older server: whole it is
+            except TransferError as exc:
+                raise _transfer_failed(exc, self.base_url) from exc
+            else:
+                if progress is not None:
+                    progress(digest.size, digest.size)
+                return
         partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.rex-partial")
         file = await asyncio.to_thread(_create_exclusive, partial)
         try:
@@ -503,6 +583,105 @@ class RexClient:
     async def status(self) -> SchedulerStatus:
         """Workers total/busy, queued and executing operations, execution counters."""
         return await self._call("GET", "/v1/status", SchedulerStatus)
+
+
+class HttpChunkRemote:
+    """A :class:`~rexcore.artifacts.transfer.ChunkRemote` over the native HTTP API: chunks
+    at ``/v1/chunks/...`` (zstd both ways when it pays), manifests at
+    ``/v1/manifests/...``. The server verifies what it receives; its refusals come back as
+    the transfer errors the manager expects."""
+
+    def __init__(self, client: RexClient) -> None:
+        self.client = client
+
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        return await self.client.find_missing(digests)
+
+    async def put_chunk(self, digest: Digest, payload: ChunkPayload) -> None:
+        headers = {
+            "Content-Type": "application/octet-stream",
+            CHUNK_ENCODING_HEADER: payload.encoding.value,
+        }
+        async with self.client._request(
+            "PUT", f"/v1/chunks/{digest}", data=payload.data, headers=headers
+        ) as response:
+            if response.status in (200, 201):
+                await response.read()
+                return
+            code, message = await _error_of(response)
+            if code == "corrupt_chunk":
+                raise CorruptChunkError(digest, f"the server refused it: {message}")
+            await self.client._fail(response)
+
+    async def get_chunk(self, digest: Digest) -> ChunkPayload:
+        headers = {ACCEPT_CHUNK_ENCODING_HEADER: ChunkEncoding.ZSTD.value}
+        async with self.client._request(
+            "GET", f"/v1/chunks/{digest}", headers=headers
+        ) as response:
+            if response.status == 404:
+                raise MissingChunksError(None, [digest], f"the server at {self.client.base_url}")
+            if response.status != 200:
+                await self.client._fail(response)
+            text = response.headers.get(CHUNK_ENCODING_HEADER, ChunkEncoding.IDENTITY.value)
+            data = await response.read()
+        try:
+            encoding = ChunkEncoding(text)
+        except ValueError:
+            raise CorruptChunkError(digest, f"it came in an unknown encoding {text!r}") from None
+        return ChunkPayload(encoding, data)
+
+    async def put_manifest(self, manifest: ChunkManifest) -> None:
+        blob = manifest.blob
+        async with self.client._request(
+            "PUT",
+            f"/v1/manifests/{blob}",
+            data=manifest.to_json(),
+            headers={"Content-Type": "application/json"},
+        ) as response:
+            if response.status in (200, 201):
+                await response.read()
+                return
+            code, message, missing = await _error_of(response, with_missing=True)
+            if code == "missing_chunks":
+                where = f"the server at {self.client.base_url}"
+                raise MissingChunksError(blob, [parse_digest(t) for t in missing], where)
+            if code == "blob_mismatch":
+                raise BlobMismatchError(message)
+            if code == "invalid_manifest":
+                raise InvalidManifestError(message)
+            await self.client._fail(response)
+
+    async def get_manifest(self, blob: Digest) -> ChunkManifest | None:
+        async with self.client._request("GET", f"/v1/manifests/{blob}") as response:
+            if response.status == 404:  # not stored, or a server without chunked transfer
+                await response.read()
+                return None
+            if response.status != 200:
+                await self.client._fail(response)
+            body = await response.read()
+        return ChunkManifest.from_json(body)
+
+
+async def _error_of(response: aiohttp.ClientResponse, *, with_missing: bool = False) -> Any:
+    """``(code, message)`` of a JSON error answer (and its ``missing`` list if asked);
+    empty strings when the body is no such error (the caller then fails generically)."""
+    body = await response.read()  # cached: a later _fail reads it again
+    try:
+        error = orjson.loads(body)["error"]
+        code, message = str(error["code"]), str(error["message"])
+        missing = [str(text) for text in error.get("missing", [])]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        code, message, missing = "", "", []
+    return (code, message, missing) if with_missing else (code, message)
+
+
+def _transfer_failed(exc: TransferError, server: str) -> RexClientError:
+    """A chunked transfer's failure as the client's error family."""
+    if isinstance(exc, MissingChunksError):
+        return MissingBlobs(str(exc), list(exc.missing), code="missing_chunks")
+    if isinstance(exc, (CorruptChunkError, BlobMismatchError)):
+        return DigestMismatch(str(exc), code="digest_mismatch")
+    return RexClientError(f"chunked transfer with {server} failed: {exc}")
 
 
 def _operation_path(name: str) -> str:

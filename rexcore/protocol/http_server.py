@@ -41,8 +41,8 @@ from rexcore.artifacts.action_cache import MissingBlobsError
 from rexcore.artifacts.chunk_store import (
     ManifestIndex,
     accept_chunk,
-    split_stored_blob,
     splice_chunks,
+    split_stored_blob,
 )
 from rexcore.artifacts.digest import Digest, DigestFunction, InvalidDigestError, parse_digest
 from rexcore.artifacts.manifest import (
@@ -60,11 +60,11 @@ from rexcore.artifacts.store import (
     StorageError,
     StoreFullError,
 )
+from rexcore.artifacts.transfer import ChunkEncoding, ChunkPayload, encode_chunk
 from rexcore.config.types import ByteSize, HostPort, parse_host_port
 from rexcore.core.runtime import ServiceRuntime
 from rexcore.monitoring.health import run_health_checks
 from rexcore.plugins.descriptors import ComponentContext
-from rexcore.artifacts.transfer import ChunkEncoding, ChunkPayload, encode_chunk
 from rexcore.protocol.client import (
     ACCEPT_CHUNK_ENCODING_HEADER,
     CHUNK_ENCODING_HEADER,
@@ -198,7 +198,7 @@ async def _json_errors(
     except StorageError as exc:  # the store's messages name the cause and the remedy
         _log.exception("native HTTP API: %s %s failed in storage", request.method, request.path)
         return _error_response(500, "storage_error", str(exc))
-    except Exception as exc:  # noqa: BLE001 - the last resort: a JSON 500, logged in full
+    except Exception as exc:
         _log.exception("native HTTP API: %s %s failed", request.method, request.path)
         return _error_response(
             500,

@@ -1,9 +1,13 @@
 """Per-action cgroups, v2 (unified) or v1 (one hierarchy per controller), detected.
 
-Every action gets a cgroup of its own below ``rex-linux-<worker pid>``, which sits in the
-worker's own cgroup of each hierarchy (so whatever limits the worker lives under still
-hold for its actions). The helper joins it before bubblewrap forks anything; the limits
-(memory without swap, cpu quota, pids) are written first; usage is read back at the end.
+Every action runs in a cgroup of its own below ``rex-linux-<worker pid>``, which sits in
+the worker's own cgroup of each hierarchy (so whatever limits the worker lives under still
+hold for its actions): one action at a time per cgroup, each cgroup a *slot* reused from
+action to action while it comes back clean (no process but its spawner, memory back near
+where it started). Joining a cgroup costs an RCU grace period (several ms on a busy host),
+so a slot's spawner joins once and forks every action inside it. Before each action the
+limits (memory without swap, cpu quota, pids) are written if they changed and the usage
+counters are reset or noted; after it, usage is read back as the difference.
 
 cgroup v2 needs the worker's cgroup to delegate the controllers: a cgroup that holds
 processes cannot enable controllers for its children (the "no internal processes" rule),
@@ -187,13 +191,20 @@ class WorkerCgroups:
 
 
 class ActionCgroup:
-    """One action's cgroup: limits in, processes joined by the helper, usage out."""
+    """An action slot's cgroup: limits in, processes born or joined in it, usage out.
+
+    ``resident`` is the pid of a process that stays in it between actions (the slot's
+    spawner): :meth:`pids` leaves it out and the pids limit counts it on top."""
 
     def __init__(self, parent: WorkerCgroups, name: str) -> None:
         self.name = name
         self._suffix = f"/{parent.name}/{name}"
         self.version = parent.layout.version
         self.dirs = {c: d / name for c, d in parent.dirs.items()}
+        self.resident: int | None = None
+        self._limits: tuple[int | None, float | None, int | None] | None = None
+        self._used = False
+        self._start_cpu_s, self._start_oom_kills = 0.0, 0
         self._created: list[Path] = []
         for directory in dict.fromkeys(self.dirs.values()):
             try:
@@ -210,7 +221,25 @@ class ActionCgroup:
         return [str(d / "cgroup.procs") for d in self._created]
 
     def limit(self, memory_bytes: int | None, cpus: float | None, pids: int | None) -> None:
+        """Set the limits (``None``: none); a slot keeps them, so only changes are written."""
+        if self._limits == (memory_bytes, cpus, pids):
+            return
+        self._limits = None  # until every write below has gone through
         memory, cpu, tasks = self.dirs["memory"], self.dirs["cpu"], self.dirs["pids"]
+        unlimited = "max" if self.version == 2 else "-1"
+        if memory_bytes is None:
+            # v1 refuses a memory limit below the memsw one: lift memsw first.
+            for name in (("memory.swap.max", "memory.max") if self.version == 2 else
+                         ("memory.memsw.limit_in_bytes", "memory.limit_in_bytes")):
+                if (memory / name).exists():
+                    _write(memory / name, unlimited)
+        if cpus is None:
+            if self.version == 2:
+                _write(cpu / "cpu.max", f"max {_CPU_PERIOD_US}")
+            else:
+                _write(cpu / "cpu.cfs_quota_us", "-1")
+        if pids is None:
+            _write(tasks / "pids.max", "max")
         if self.version == 2:
             if memory_bytes is not None:
                 _write(memory / "memory.max", str(memory_bytes))
@@ -221,19 +250,49 @@ class ActionCgroup:
                                         f"{_CPU_PERIOD_US}")
         else:
             if memory_bytes is not None:
+                memsw = memory / "memory.memsw.limit_in_bytes"
+                # Without swap accounting the limit is on RAM alone; with it, on both
+                # (memsw never below the RAM limit: lowered last, raised first).
+                if memsw.exists():
+                    _write(memsw, "-1")
                 _write(memory / "memory.limit_in_bytes", str(memory_bytes))
-                # Without swap accounting the limit is on RAM alone; with it, on both.
-                if (memory / "memory.memsw.limit_in_bytes").exists():
-                    _write(memory / "memory.memsw.limit_in_bytes", str(memory_bytes))
+                if memsw.exists():
+                    _write(memsw, str(memory_bytes))
             if cpus is not None:
                 _write(cpu / "cpu.cfs_period_us", str(_CPU_PERIOD_US))
                 _write(cpu / "cpu.cfs_quota_us", str(max(1000, int(cpus * _CPU_PERIOD_US))))
         if pids is not None:
-            _write(tasks / "pids.max", str(pids))
+            _write(tasks / "pids.max", str(pids + (self.resident is not None)))
+        self._limits = (memory_bytes, cpus, pids)
 
     def pids(self) -> list[int]:
+        """The processes in it, but its resident."""
         text = _read(self.dirs["pids"] / "cgroup.procs") or ""
-        return [int(word) for word in text.split()]
+        return [pid for pid in map(int, text.split()) if pid != self.resident]
+
+    def memory_in_use(self) -> int | None:
+        """Bytes charged to it now (page cache included)."""
+        name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
+        text = _read(self.dirs["memory"] / name)
+        return int(text) if text and text.strip().isdigit() else None
+
+    def start_usage(self) -> bool:
+        """Begin an action's accounting: the peak is reset, the counters noted (usage is
+        then read as a difference). False if the peak cannot be reset (v2 before Linux
+        6.12): then the cgroup must serve a single action."""
+        if self._used:
+            memory = self.dirs["memory"]
+            try:
+                if self.version == 2:
+                    _write(memory / "memory.peak", "reset")
+                else:
+                    _write(memory / "memory.max_usage_in_bytes", "0")
+            except CgroupError:
+                return False
+        self._used = True
+        cpu_s, _, oom_kills = self._counters()
+        self._start_cpu_s, self._start_oom_kills = cpu_s or 0.0, oom_kills or 0
+        return True
 
     def holds(self, pid: int) -> bool:
         """Whether ``pid`` is in this cgroup (checked after a pidfd pinned it)."""
@@ -241,6 +300,13 @@ class ActionCgroup:
         return f"{self._suffix}\n" in text or text.endswith(self._suffix)
 
     def usage(self) -> CgroupUsage:
+        """What the action used since :meth:`start_usage`."""
+        cpu_s, peak, oom_kills = self._counters()
+        if cpu_s is not None:
+            cpu_s = max(0.0, cpu_s - self._start_cpu_s)
+        return CgroupUsage(cpu_s, peak, (oom_kills or 0) > self._start_oom_kills)
+
+    def _counters(self) -> tuple[float | None, int | None, int | None]:
         memory = self.dirs["memory"]
         if self.version == 2:
             usec = _stat_field(_read(self.dirs["cpu"] / "cpu.stat"), "usage_usec")
@@ -255,7 +321,7 @@ class ActionCgroup:
             peak_text = _read(memory / "memory.max_usage_in_bytes")
             oom = _stat_field(_read(memory / "memory.oom_control"), "oom_kill")
         peak = int(peak_text) if peak_text and peak_text.strip().isdigit() else None
-        return CgroupUsage(cpu_s, peak, bool(oom))
+        return cpu_s, peak, oom
 
     def remove(self) -> list[str]:
         """Remove the directories; the ones that would not go (with the reason)."""

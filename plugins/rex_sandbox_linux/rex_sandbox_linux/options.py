@@ -10,7 +10,7 @@ from rexcore.config.types import ByteSize
 __all__ = ["ETC_FILES", "SYSTEM_PATHS", "LinuxSandboxOptions"]
 
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-# Each one is a bind mount (about 0.1 ms per action): what toolchains and resolvers read.
+# What toolchains and resolvers read; copied into the action's /etc (one mount for all).
 ETC_FILES = ("ld.so.cache", "alternatives", "localtime", "nsswitch.conf", "hosts",
              "resolv.conf", "ssl")
 
@@ -43,8 +43,9 @@ class LinuxSandboxOptions:
     tmp_size: ByteSize = ByteSize(1 << 30)
     #: Host directories mounted read-only at the same place (a symlink stays a symlink).
     system_paths: tuple[str, ...] = SYSTEM_PATHS
-    #: Entries of the host's /etc mounted read-only; the rest of /etc is empty, apart
-    #: from a passwd and group naming only root, nobody and the action's user.
+    #: Entries of the host's /etc the action sees (read-only copies, refreshed when the
+    #: host's change; what only root may read of them is left out); the rest of /etc is
+    #: empty, apart from a passwd and group naming only root, nobody and the action's user.
     etc_files: tuple[str, ...] = ETC_FILES
     #: The host name actions see.
     hostname: str = "rex-sandbox"

@@ -1,9 +1,10 @@
 """The ``linux`` sandbox: each action in fresh namespaces (bubblewrap) and its own cgroup.
 
-One action costs one ``posix_spawn`` of a tiny C helper (``rex_linux_exec.c``, compiled
-once per machine into ``~/.cache/rex``) that joins the action's cgroup, sets rlimits,
-drops to the action's user and closes every descriptor above 2, then execs bubblewrap in
-place. Bubblewrap unshares the user, mount, pid, ipc, uts, cgroup and (unless the action
+One action costs one fork of a tiny C helper (``rex_linux_exec.c``, compiled once per
+machine into ``~/.cache/rex``), made by that helper's resident copy in the action's cgroup
+slot (the *spawner*, see ``cgroups.py`` for why): the forked child, still the worker's
+own child, sets rlimits, drops to the action's user and closes every descriptor above 2,
+then execs bubblewrap in place. Bubblewrap unshares the user, mount, pid, ipc, uts, cgroup and (unless the action
 may use it) network namespaces, builds a root of its own (system directories read-only, a
 minimal /etc, fresh /proc, minimal /dev, tmpfs /tmp and temp dirs, the exec root
 writable), sets no_new_privs, drops every capability and runs the command under a
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import hashlib
 import itertools
@@ -31,6 +31,9 @@ import pwd
 import resource
 import shutil
 import signal
+import socket
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -52,6 +55,13 @@ log = logging.getLogger(__name__)
 _HELPER_SOURCE = Path(__file__).with_name("rex_linux_exec.c")
 # Descriptors the helper gets: its report pipe and the exec root (an O_PATH fd).
 _REPORT_FD, _EXEC_ROOT_FD = 3, 4
+# A slot serves the next action only if the last one left at most this much memory charged
+# to it (page cache of its files): the next action's limit must not pay for it.
+_CLEAN_SLOT_BYTES = 4 << 20
+# How long a spawner may take to answer (it only forks).
+_SPAWNER_TIMEOUT_S = 30.0
+# Slot names, unique in the process: every sandbox of it shares rex-linux-<pid>.
+_slot_numbers = itertools.count(1)
 # How long a tree that will not die (uninterruptible sleep) is SIGKILLed over and over
 # before the run is reported as a sandbox failure.
 _KILL_PATIENCE_S = 30.0
@@ -192,7 +202,7 @@ def _helper_user(owner: tuple[int, int] | None) -> list[str]:
     return [] if owner is None else [f"-u{owner[0]}:{owner[1]}"]
 
 
-def _write_identity_files(directory: Path, owner: tuple[int, int] | None) -> tuple[Path, Path]:
+def _identity_files(owner: tuple[int, int] | None) -> dict[str, str]:
     """A passwd and a group that name only root, nobody and the action's user."""
     uid, gid = owner if owner is not None else (os.geteuid(), os.getegid())
     users = {0: ("root", 0), 65534: ("nobody", 65534)}
@@ -202,14 +212,155 @@ def _write_identity_files(directory: Path, owner: tuple[int, int] | None) -> tup
     passwd = "".join(f"{n}:x:{u}:{g}:{n}:/:/bin/sh\n"
                      for u, (n, g) in sorted(users.items()))
     group = "".join(f"{n}:x:{g}:\n" for g, n in sorted(groups.items()))
-    paths = directory / "passwd", directory / "group"
-    for path, text in zip(paths, (passwd, group), strict=True):
-        if not path.exists() or path.read_text() != text:
-            temp = path.with_suffix(f".{os.getpid()}")
-            temp.write_text(text)
-            os.chmod(temp, 0o644)
-            os.replace(temp, path)
-    return paths
+    return {"passwd": passwd, "group": group}
+
+
+def _etc_signature(names: tuple[str, ...]) -> tuple[object, ...]:
+    """What changes when the host replaces one of these /etc entries (or, for a directory,
+    an entry in it or in its subdirectories: tools rename into place)."""
+    seen: list[object] = []
+    for name in names:
+        path = f"/etc/{name}"
+        try:
+            info = os.stat(path)
+        except OSError:
+            seen.append(None)
+            continue
+        seen.append((info.st_ino, info.st_mtime_ns, info.st_size))
+        if stat.S_ISDIR(info.st_mode):
+            with contextlib.suppress(OSError), os.scandir(path) as entries:
+                seen.extend((e.name, e.stat().st_mtime_ns) for e in entries
+                            if e.is_dir(follow_symlinks=False))
+    return tuple(seen)
+
+
+def _world_readable(info: os.stat_result) -> bool:
+    needed = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(info.st_mode) else 0)
+    return info.st_mode & needed == needed
+
+
+def _copy_public(source: str, target: str) -> None:
+    """Copy what any user may read of ``source`` (a file, or a tree whose symlinks stay
+    symlinks) to ``target``; the rest (``/etc/ssl/private``) is left out."""
+    info = os.stat(source)
+    if not _world_readable(info):
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        shutil.copyfile(source, target)
+        os.chmod(target, 0o444)
+        return
+    os.mkdir(target, 0o755)
+    with os.scandir(source) as entries:
+        for entry in entries:
+            into = os.path.join(target, entry.name)
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), into)
+            else:
+                with contextlib.suppress(OSError):
+                    _copy_public(entry.path, into)
+
+
+def _build_etc(directory: Path, names: tuple[str, ...],
+               owner: tuple[int, int] | None) -> None:
+    """The action's /etc: copies of the host's ``names`` plus a passwd and a group of its
+    own; mounted as one read-only directory (a bind mount per entry costs ~0.5 ms)."""
+    directory.mkdir(mode=0o755)
+    for name in names:
+        with contextlib.suppress(OSError):
+            _copy_public(f"/etc/{name}", str(directory / name))
+    for name, text in _identity_files(owner).items():
+        (directory / name).write_text(text)
+        os.chmod(directory / name, 0o444)
+
+
+# -- action slots ----------------------------------------------------------------------
+
+
+class _Slot:
+    """A reusable action cgroup and its spawner (the helper's ``-S`` mode), which lives in
+    it and forks each action there: no action pays for joining a cgroup."""
+
+    def __init__(self, cgroup: ActionCgroup, pid: int, channel: socket.socket,
+                 baseline: int | None) -> None:
+        self.cgroup = cgroup
+        self.pid = pid
+        self.channel = channel
+        self.baseline = baseline
+        self.reusable = True
+        self.retired = False
+
+    @classmethod
+    def start(cls, helper: str, parent: WorkerCgroups, name: str,
+              mount_namespace: bool) -> _Slot:
+        """Create the cgroup and start its spawner (blocking: run it in a thread); with
+        ``mount_namespace``, in a mount namespace of its own (for the helper's -b)."""
+        cgroup = ActionCgroup(parent, name)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = None
+        try:
+            argv = [helper, "-r3", *(f"-g{p}" for p in cgroup.procs_files),
+                    *(["-n"] if mount_namespace else []), "-S3"]
+            pid = os.posix_spawn(helper, argv, {}, setpgroup=0, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+                (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)])
+            theirs.close()
+            ours.settimeout(_SPAWNER_TIMEOUT_S)
+            ready = ours.recv(4096)
+            if ready != struct.pack("i", 0):
+                report = ready.decode(errors="replace").strip() or "it exited"
+                raise LinuxSandboxError(f"linux sandbox: the spawner of {cgroup.dirs['pids']} "
+                                        f"did not start: {report}")
+        except BaseException:
+            theirs.close()
+            ours.close()
+            if pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            cgroup.remove()
+            raise
+        cgroup.resident = pid
+        return cls(cgroup, pid, ours, cgroup.memory_in_use())
+
+    def spawn(self, argv: list[str], fds: list[int]) -> int:
+        """Fork ``rex-linux-exec argv`` in the slot with ``fds`` (stdin, stdout, stderr,
+        report, exec root); its pid (a child of this process)."""
+        data = b"".join(os.fsencode(a) + b"\0" for a in argv)
+        if data.count(b"\0") != len(argv):
+            raise ValueError("embedded null byte")
+        memfd = os.memfd_create("rex-action-argv", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(memfd, view):]
+            socket.send_fds(self.channel, [b"a"], [memfd, *fds])
+        finally:
+            os.close(memfd)
+        reply = self.channel.recv(16)
+        if len(reply) != 4:
+            self.reusable = False
+            raise OSError(0, "the slot's spawner is gone")
+        (pid,) = struct.unpack("i", reply)
+        if pid <= 0:
+            raise OSError(-pid, os.strerror(-pid))
+        return pid
+
+    def clean(self) -> bool:
+        """Whether it may serve another action: back to (nearly) what it held before."""
+        if not self.reusable or self.cgroup.pids():
+            return False
+        used = self.cgroup.memory_in_use()
+        return used is None or used <= (self.baseline or 0) + _CLEAN_SLOT_BYTES
+
+    def close(self) -> list[str]:
+        """End the spawner and remove the cgroup; the directories that would not go."""
+        self.channel.close()
+        with contextlib.suppress(ChildProcessError):
+            os.kill(self.pid, signal.SIGKILL)  # our unreaped child: the pid is still its
+            os.waitpid(self.pid, 0)
+        return self.cgroup.remove()
 
 
 # -- one running action ----------------------------------------------------------------
@@ -218,9 +369,10 @@ def _write_identity_files(directory: Path, owner: tuple[int, int] | None) -> tup
 class _Run:
     """Bubblewrap's outer process, the action's cgroup, and the end of both."""
 
-    def __init__(self, pid: int, cgroup: ActionCgroup, report_fd: int) -> None:
+    def __init__(self, pid: int, slot: _Slot, report_fd: int) -> None:
         self.pid = pid
-        self.cgroup = cgroup
+        self.slot = slot
+        self.cgroup = slot.cgroup
         self.report_fd = report_fd
         self.status: int | None = None
         self.rusage: Any = None
@@ -237,8 +389,9 @@ class _Run:
 
     def signal_tree(self, sig: int) -> None:
         """Signal every process in the cgroup but bubblewrap's outer one (it reports
-        the command's end; it goes when the namespace's pid 1 does). Each is pinned by a
-        pidfd and checked to still be in the cgroup, so a reused pid is never hit."""
+        the command's end; it goes when the namespace's pid 1 does) and the slot's spawner.
+        Each is pinned by a pidfd and checked to still be in the cgroup, so a reused pid is
+        never hit."""
         for pid in self.cgroup.pids():
             if pid == self.pid:
                 continue
@@ -281,10 +434,12 @@ class _Run:
         with contextlib.suppress(OSError):
             os.close(self._pidfd)
         left = self.cgroup.pids()
-        pause = 0.0005
+        pause = 0.005
         while left and time.monotonic() < deadline:
+            # Usually bubblewrap's pid 1, still tearing its namespaces down: woken by its
+            # exit, not by a polling interval.
             self.signal_tree(signal.SIGKILL)
-            await asyncio.sleep(pause)
+            await _first_exit(left, pause)
             pause = min(pause * 2, 0.1)
             left = self.cgroup.pids()
         return left
@@ -296,6 +451,26 @@ class _Run:
                 chunks.append(chunk)
         os.close(self.report_fd)
         return b"".join(chunks).decode(errors="replace").strip()
+
+
+async def _first_exit(pids: list[int], timeout_s: float) -> None:
+    """Return once one of ``pids`` has exited (left its cgroup), or after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    fds: list[int] = []
+    try:
+        for pid in pids:
+            try:
+                fds.append(os.pidfd_open(pid))
+            except OSError:
+                return  # exited already
+            loop.add_reader(fds[-1], lambda: gone.done() or gone.set_result(None))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(gone, timeout_s)
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+            os.close(fd)
 
 
 def _exit_code(status: int) -> int:
@@ -321,19 +496,8 @@ def _give_directories(root: str, owner: tuple[int, int]) -> None:
             pending.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
 
 
-def _high(fd: int) -> int:
-    """``fd`` moved above the descriptors the helper gets, so that moving one of them
-    into place can never overwrite another that is still to be moved."""
-    if fd > _EXEC_ROOT_FD:
-        return fd
-    try:
-        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _EXEC_ROOT_FD + 1)
-    finally:
-        os.close(fd)
-
-
 def _open_output(path: Path) -> int:
-    return _high(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
 
 
 class LinuxSandbox:
@@ -353,22 +517,39 @@ class LinuxSandbox:
         self._layout = layout or detect_cgroups()
         remove_stale(self._layout)
         self._cgroups = WorkerCgroups(self._layout)
-        self._numbers = itertools.count(1)
+        self._free_slots: list[_Slot] = []
         self._running: set[_Run] = set()
         self._cleanups: set[asyncio.Task[Any]] = set()
+        self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         # Files bubblewrap mounts must sit where the action's user may traverse: a
         # directory of this worker's own (random name, so nobody can plant it).
         self._view = Path(tempfile.mkdtemp(prefix="rex-linux-"))
         os.chmod(self._view, 0o755)
         (self._view / "exec-root").mkdir(mode=0o755)
-        passwd, group = _write_identity_files(self._view, self._owner)
+        (self._view / "exec-dir").mkdir(mode=0o755)
+        self._etc_generation = itertools.count(1)
+        self._etc_signature: tuple[object, ...] | None = None
+        self._etc_checked = 0.0
+        self._refresh_etc()
+
+    def _refresh_etc(self) -> None:
+        """(Re)build the action's /etc when the host's entries changed; checked at most
+        once a second. A running action keeps the copy it started with."""
+        now = time.monotonic()
+        if self._etc_signature is not None and now - self._etc_checked < 1.0:
+            return
+        self._etc_checked = now
+        signature = _etc_signature(self.options.etc_files)
+        if signature == self._etc_signature:
+            return
+        etc = self._view / f"etc-{next(self._etc_generation)}"
+        _build_etc(etc, self.options.etc_files, self._owner)
+        self._etc_signature = signature
+        options = self.options
         self._static = [
             options.bwrap, *_NAMESPACES, "--die-with-parent", "--new-session",
             "--cap-drop", "ALL", "--hostname", options.hostname,
-            *_system_mounts(options.system_paths), "--dir", "/etc",
-            *itertools.chain.from_iterable(
-                ("--ro-bind-try", f"/etc/{name}", f"/etc/{name}") for name in options.etc_files),
-            "--ro-bind", str(passwd), "/etc/passwd", "--ro-bind", str(group), "/etc/group",
+            *_system_mounts(options.system_paths), "--ro-bind", str(etc), "/etc",
             "--proc", "/proc", "--dev", "/dev",
             "--size", str(options.tmp_size), "--tmpfs", "/tmp",
         ]
@@ -379,13 +560,19 @@ class LinuxSandbox:
             wanted.append((resource.RLIMIT_FSIZE, self.options.max_file_size))
         return [f"-l{which}:{value}:{value}" for which, value in wanted]
 
-    def _arguments(self, request: SandboxRequest, cwd: Path, network: bool,
-                   cgroup: ActionCgroup) -> list[str]:
+    def _arguments(self, request: SandboxRequest, cwd: Path, network: bool) -> list[str]:
+        """The helper's options for one action, from its report fd on (see -S)."""
         root = str(request.exec_root)
-        argv = [self._helper, f"-r{_REPORT_FD}", *(f"-g{p}" for p in cgroup.procs_files)]
+        argv = [f"-r{_REPORT_FD}"]
         if self._owner is None:  # bubblewrap runs as the worker's user: it can reach it
             argv += [f"-k{_EXEC_ROOT_FD}", *self._limits(), "--", *self._static,
                      "--bind-fd", str(_EXEC_ROOT_FD), root]
+        elif os.stat(request.exec_root.parent).st_mode & stat.S_IXOTH:
+            # The usual case (the worker's exec dir is 0755 under a private data dir): the
+            # exec dir is bound once per slot, in its spawner's mount namespace.
+            exec_dir = str(self._view / "exec-dir")
+            argv += [f"-b{exec_dir}", *self._limits(), *_helper_user(self._owner), "--",
+                     *self._static, "--bind", f"{exec_dir}/{request.exec_root.name}", root]
         else:
             mount_point = str(self._view / "exec-root")
             argv += [f"-m{mount_point}", *self._limits(), *_helper_user(self._owner), "--",
@@ -425,14 +612,19 @@ class LinuxSandbox:
         except OSError as exc:
             raise LinuxSandboxError(f"linux sandbox: cannot prepare {request.exec_root}: "
                                     f"{exc}") from exc
-        cgroup = ActionCgroup(self._cgroups, f"action-{next(self._numbers)}")
+        self._refresh_etc()
+        slot = await self._take_slot()
         try:
-            cgroup.limit(_clamp(spec.memory_bytes, options.default_memory, options.max_memory),
-                         _clamp(spec.cpus, options.default_cpus, options.max_cpus),
-                         _clamp(spec.pids, options.default_pids, options.max_pids))
-            run = self._spawn(request, cwd, spec.network, cgroup)
+            slot.cgroup.limit(
+                _clamp(spec.memory_bytes, options.default_memory, options.max_memory),
+                _clamp(spec.cpus, options.default_cpus, options.max_cpus),
+                _clamp(spec.pids, options.default_pids, options.max_pids))
+            if not slot.cgroup.start_usage():
+                slot.reusable = False
+            run = self._spawn(request, cwd, spec.network, slot)
         except BaseException:
-            cgroup.remove()
+            slot.reusable = False
+            self._give_back(slot)
             raise
         self._running.add(run)
         try:
@@ -449,54 +641,71 @@ class LinuxSandbox:
         self._running.discard(run)
         return self._result(request, run, left, timed_out, time.monotonic() - started)
 
-    def _spawn(self, request: SandboxRequest, cwd: Path, network: bool,
-               cgroup: ActionCgroup) -> _Run:
-        report_read, report_write = (_high(fd) for fd in os.pipe2(os.O_CLOEXEC))
-        fds = []
+    async def _take_slot(self) -> _Slot:
+        if self._free_slots:
+            return self._free_slots.pop()
+        try:
+            return await asyncio.to_thread(_Slot.start, self._helper, self._cgroups,
+                                           f"slot-{next(_slot_numbers)}",
+                                           self._owner is not None)
+        except OSError as exc:
+            raise LinuxSandboxError(f"linux sandbox: cannot start an action slot's spawner "
+                                    f"{self._helper}: {exc}; check the worker's limits "
+                                    "(processes, open files)") from exc
+
+    def _give_back(self, slot: _Slot) -> None:
+        """Keep a clean slot for the next action; end any other (in the background).
+        Called once per action, however it ended."""
+        if slot.retired or slot in self._free_slots:
+            return
+        if slot.clean():
+            self._free_slots.append(slot)
+            return
+        slot.retired = True
+
+        async def retire() -> None:
+            problems = await asyncio.to_thread(slot.close)
+            if problems:
+                log.warning("linux sandbox: cannot remove cgroup(s): %s", "; ".join(problems))
+
+        task = asyncio.ensure_future(retire())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    def _spawn(self, request: SandboxRequest, cwd: Path, network: bool, slot: _Slot) -> _Run:
+        report_read, report_write = os.pipe2(os.O_CLOEXEC)
+        fds = [report_write]
         try:
             fds.append(_open_output(request.stdout_path))
             fds.append(_open_output(request.stderr_path))
-            fds.append(_high(os.open(request.exec_root,
-                                     os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)))
-            stdout, stderr, root_fd = fds
-            actions = [
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, stdout, 1),
-                (os.POSIX_SPAWN_DUP2, stderr, 2),
-                (os.POSIX_SPAWN_DUP2, report_write, _REPORT_FD),
-                (os.POSIX_SPAWN_DUP2, root_fd, _EXEC_ROOT_FD),
-            ]
-            argv = self._arguments(request, cwd, network, cgroup)
-            # Its own process group (a Ctrl-C at the worker's terminal is the worker's to
-            # handle), same session: the process sandbox's orphan sweep leaves it alone.
-            pid = os.posix_spawn(self._helper, argv, {}, file_actions=actions, setpgroup=0)
+            fds.append(os.open(request.exec_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            argv = self._arguments(request, cwd, network)
+            pid = slot.spawn(argv, [self._devnull, fds[1], fds[2], report_write, fds[3]])
         except ValueError as exc:  # a NUL byte in an argument or the environment
             os.close(report_read)
             raise LinuxSandboxError(f"linux sandbox: cannot pass the command on: {exc}") \
                 from exc
         except OSError as exc:
             os.close(report_read)
-            raise LinuxSandboxError(f"linux sandbox: cannot start {self._helper}: {exc}; "
-                                    "check the worker's limits (processes, open files)") \
-                from exc
+            slot.reusable = False
+            raise LinuxSandboxError(f"linux sandbox: cannot start {self._helper} in "
+                                    f"{slot.cgroup.dirs['pids']}: {exc}; check the worker's "
+                                    "limits (processes, open files)") from exc
         finally:
-            os.close(report_write)
             for fd in fds:
                 os.close(fd)
         os.set_blocking(report_read, False)
-        return _Run(pid, cgroup, report_read)
+        return _Run(pid, slot, report_read)
 
     def _result(self, request: SandboxRequest, run: _Run, left: list[int], timed_out: bool,
                 wall_s: float) -> SandboxResult:
         report = run.report()
         usage = run.cgroup.usage()
-        problems = run.cgroup.remove()
+        self._give_back(run.slot)
         if left:
             raise CgroupError(f"linux sandbox: processes {left} of the action would not die "
                               f"within {_KILL_PATIENCE_S:g}s of SIGKILL (uninterruptible "
                               "sleep?); check the host")
-        if problems:
-            log.warning("linux sandbox: cannot remove cgroup(s): %s", "; ".join(problems))
         if report.startswith("setup"):
             _, number, what = (report.split(" ", 2) + ["", ""])[:3]
             cause = os.strerror(int(number)) if number.isdigit() else number
@@ -530,7 +739,7 @@ class LinuxSandbox:
             finally:
                 await run.finish()
                 run.report()
-                run.cgroup.remove()
+                self._give_back(run.slot)
                 self._running.discard(run)
 
         task = asyncio.ensure_future(clean_up())
@@ -542,11 +751,18 @@ class LinuxSandbox:
             await asyncio.wait(set(self._cleanups))
 
     async def close(self) -> None:
-        """Stop every running action and remove the worker's cgroups."""
+        """Stop every running action, end the slots and remove the worker's cgroups."""
         for run in list(self._running):
             self._clean_up_in_background(run)
         await self.wait_cleanups()
+        while self._free_slots:
+            slot = self._free_slots.pop()
+            slot.reusable = False
+            self._give_back(slot)
+        await self.wait_cleanups()
         self._cgroups.remove()
+        with contextlib.suppress(OSError):
+            os.close(self._devnull)
         shutil.rmtree(self._view, ignore_errors=True)
 
 

@@ -166,9 +166,11 @@ async def test_a_timeout_stops_a_tree_that_ignores_sigterm_and_empties_the_cgrou
     result = await linux_sandbox.run(request(exec_root, script, timeout_s=0.5))
     assert result.timed_out and result.exit_code == 137
     assert out(exec_root) == "started\n"
-    leftovers = [d for d in linux_sandbox._cgroups.dirs.values() if any(d.iterdir())
-                 and any(p.is_dir() for p in d.iterdir())]
-    assert not leftovers  # each action's cgroup is gone, hence was empty
+    spawners = {slot.pid for slot in linux_sandbox._free_slots}
+    leftovers = [(p, pid) for d in linux_sandbox._cgroups.dirs.values() for p in d.iterdir()
+                 if p.is_dir() for pid in (p / "cgroup.procs").read_text().split()
+                 if int(pid) not in spawners]
+    assert not leftovers  # each action's cgroup holds nothing but its slot's spawner
 
 
 async def test_the_network_is_off_unless_asked_for_and_allowed(tmp_path, exec_root):
