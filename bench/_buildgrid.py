@@ -80,7 +80,7 @@ def _installed_version(python: Path) -> str | None:
         return None
     done = subprocess.run(
         [str(python), "-c", "import importlib.metadata as m; print(m.version('buildgrid'))"],
-        capture_output=True, text=True)
+        capture_output=True, text=True, check=False)
     return done.stdout.strip() if done.returncode == 0 else None
 
 

@@ -48,14 +48,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import grpc
-
+from _buildgrid import VERSION, start_buildgrid, stop_buildgrid
 from rex_reapi.proto import bytestream_pb2 as bs_pb2
 from rex_reapi.proto import bytestream_pb2_grpc as bs_grpc
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
 from rex_reapi.proto import remote_execution_pb2_grpc as re_grpc
-from rexcore.protocol.client import tune_malloc_for_streaming
 
-from _buildgrid import VERSION, start_buildgrid, stop_buildgrid  # noqa: E402
+from rexcore.protocol.client import tune_malloc_for_streaming
 
 _REAPI_LISTENING = re.compile(r"rexd: reapi listening on grpc://(\S+)")
 _CHUNK = 1 << 20
@@ -280,12 +279,14 @@ def main() -> None:
             subject.run(4 << 20, 1, 100)
             subject.figures.clear()
         size = args.size_mib << 20
+        load_before = round(os.getloadavg()[0], 2)
         for run in range(args.runs):
             # Alternate who goes first so drifting load on the shared machine evens out.
             for subject in subjects if run % 2 == 0 else subjects[::-1]:
                 subject.run(size, args.find_calls, args.ac_calls)
         result: dict[str, Any] = {
             "runs": args.runs,
+            "load_average_1m": [load_before, round(os.getloadavg()[0], 2)],
             "blob_MiB": args.size_mib,
             "data_dir": str(work.parent),
             **{subject.name: subject.summary() for subject in subjects},
@@ -304,6 +305,16 @@ def main() -> None:
                 "get_action_result_p99_buildgrid_over_rex": _ratio(
                     bgd_figures["get_action_result_p99_us"], rex["get_action_result_p99_us"]),
             }
+            # The same ratios run by run (each pair measured back to back): [min, max].
+            rex_runs, bgd_runs = subjects[0].figures, subjects[1].figures
+            for name, figure, rex_over in (
+                    ("bytestream_write_rex_over_buildgrid", "bytestream_write_MBps", True),
+                    ("bytestream_read_rex_over_buildgrid", "bytestream_read_MBps", True),
+                    ("get_action_result_p50_buildgrid_over_rex", "get_action_result_p50_us",
+                     False)):
+                paired = [r / b if rex_over else b / r
+                          for r, b in zip(rex_runs[figure], bgd_runs[figure])]
+                ratios[f"{name}_per_run_spread"] = [round(min(paired), 2), round(max(paired), 2)]
             result["ratios"] = ratios
             result["targets_met"] = {
                 "bytestream_write_2x": ratios["bytestream_write_rex_over_buildgrid"] >= 2.0,
@@ -319,7 +330,9 @@ def main() -> None:
         result["rex"] = {"storage": "disk (CAS, ByteStream), on-disk action cache", **result["rex"]}
         for subject in subjects:
             subject.client.close()
-        print(json.dumps(result, indent=2))
+        text = json.dumps(result, indent=2)
+        # [min, max] spreads on one line each
+        print(re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text))
     finally:
         for stop in reversed(processes):
             stop()
