@@ -148,9 +148,14 @@ class Daemon:
                                config.sandboxes.get(config.pool.sandbox))
             except SandboxUnavailableError as exc:
                 raise DaemonError(f"pool.sandbox: {exc}") from exc
-        provider = await _maybe_await(
-            descriptor.factory(self.resolved.provider.options, self.context)
-        )
+        from rexcore.providers.interface import ProviderError
+
+        try:
+            provider = await _maybe_await(
+                descriptor.factory(self.resolved.provider.options, self.context)
+            )
+        except ProviderError as exc:  # bad options or no cluster/credentials: say so, no traceback
+            raise DaemonError(f"provider {descriptor.name!r} cannot be built: {exc}") from exc
         launch = WorkerLaunch(
             coordinator_url=f"http://{native.addresses[0]}",
             join_token=config.scheduler.join_token,
@@ -171,7 +176,11 @@ class Daemon:
         self.pool = WorkerPool(config.pool, provider, launch, policy=policy,
                                load=scheduler_load(runtime.scheduler))
         runtime.pool = self.pool
-        await self.pool.start()
+        try:
+            await self.pool.start()
+        except ProviderError as exc:
+            raise DaemonError(f"pool: provider {descriptor.name!r} could not start the first "
+                              f"workers: {exc}") from exc
 
     async def stop(self) -> None:
         if self.runtime is not None:
