@@ -8,11 +8,13 @@ Generates a workspace of ``--genrules`` genrules (chains of small text transform
 1. ``local_s``: a clean local build with Bazel's default strategy on Linux
    (``linux-sandbox``);
 2. ``remote_s``: ``bazel clean``, then the same build with ``--remote_executor`` against
-   ``rexd serve --workers N --worker-slots S`` on this machine (fresh data dir: every action runs);
+   ``rexd serve --workers N --worker-slots S`` on this machine (every action runs: each
+   repetition sets a new ``--action_env``, so its action digests are new);
 3. ``warm_s``: ``bazel clean`` again, then the remote build, now served entirely from the
    remote cache.
 
-Both builds use the same ``--jobs``. Prints one JSON object; ``ratio`` is
+``--repeat`` pairs run interleaved (the machine is shared and noisy); both builds use the
+same ``--jobs``. Prints one JSON object: medians, and ``ratio``, the median of each pair's
 ``remote_s / local_s``. Needs ``bazel`` (Debian: bazel-bootstrap) and rex-reapi installed.
 """
 
@@ -23,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import signal
 import subprocess
 import sys
@@ -77,6 +80,11 @@ def main() -> None:
                         help="actions each worker runs at once (workers x slots ~ jobs)")
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--sandbox", default="auto", help="rex sandbox of the workers")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="local/remote pairs, interleaved; medians are reported")
+    parser.add_argument("--remote-flag", action="append", default=[],
+                        help="extra Bazel flag for the remote builds (repeatable), e.g. "
+                             "--remote-flag=--remote_download_toplevel")
     args = parser.parse_args()
     bazel = shutil.which("bazel")
     if bazel is None:
@@ -99,16 +107,23 @@ def main() -> None:
             return elapsed
 
         process, address = start_rexd(base / "rex-data", args.workers, args.slots, args.sandbox)
+        local_runs: list[float] = []
+        remote_runs: list[float] = []
+        warm_runs: list[float] = []
         try:
             jobs = f"--jobs={args.jobs}"
             remote = [f"--remote_executor=grpc://{address}", "--spawn_strategy=remote",
-                      "--noremote_local_fallback"]
+                      "--noremote_local_fallback", *args.remote_flag]
             run("build", "--nobuild", "//:all")  # server up, packages loaded: timed builds
-            local_s = run("build", jobs, "//:all")  # compare only the execution phase
-            run("clean")
-            remote_s = run("build", jobs, *remote, "//:all")
-            run("clean")
-            warm_s = run("build", jobs, *remote, "//:all")
+            for repetition in range(args.repeat):  # compare only the execution phase
+                # A new action env per repetition: new action digests, a cold remote cache.
+                env_flag = f"--action_env=REX_BENCH_RUN={repetition}"
+                run("clean")
+                local_runs.append(run("build", jobs, env_flag, "//:all"))
+                run("clean")
+                remote_runs.append(run("build", jobs, env_flag, *remote, "//:all"))
+                run("clean")
+                warm_runs.append(run("build", jobs, env_flag, *remote, "//:all"))
         finally:
             subprocess.run([*startup, "shutdown"], cwd=workspace, env=env, capture_output=True)
             process.send_signal(signal.SIGTERM)
@@ -116,16 +131,24 @@ def main() -> None:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+    local_s, remote_s = statistics.median(local_runs), statistics.median(remote_runs)
+    ratios = [r / l for l, r in zip(local_runs, remote_runs)]
     print(json.dumps({
         "genrules": args.genrules,
         "workers": args.workers,
         "slots": args.slots,
         "jobs": args.jobs,
         "sandbox": args.sandbox,
+        "remote_flags": args.remote_flag,
+        "repeat": args.repeat,
         "local_s": round(local_s, 2),
         "remote_s": round(remote_s, 2),
-        "ratio": round(remote_s / local_s, 3),
-        "warm_s": round(warm_s, 2),
+        "ratio": round(statistics.median(ratios), 3),
+        "ratios": [round(r, 3) for r in ratios],
+        "local_runs_s": [round(t, 2) for t in local_runs],
+        "remote_runs_s": [round(t, 2) for t in remote_runs],
+        "warm_s": round(statistics.median(warm_runs), 2),
+        "load_average": round(os.getloadavg()[0], 2),
     }))
 
 

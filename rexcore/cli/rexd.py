@@ -68,7 +68,11 @@ def _top_parser() -> argparse.ArgumentParser:
         description="Join a coordinator and run the actions it assigns until SIGTERM "
                     "(which drains: running actions finish and are reported first).")
     worker.add_argument("--coordinator", metavar="URL",
-                        help="the coordinator's native HTTP API (default: $REX_COORDINATOR)")
+                        help="the coordinator's native HTTP API, or srv:NAME for a DNS SRV "
+                             "record (default: $REX_COORDINATOR, else the _rex._tcp SRV "
+                             "record of the search domains)")
+    worker.add_argument("--dns-server", metavar="HOST[:PORT]",
+                        help="resolver for SRV lookups (default: the system's)")
     worker.add_argument("--token", help="the coordinator's join token (default: "
                                         "$REX_JOIN_TOKEN; none needed on the same host)")
     worker.add_argument("--slots", type=int, default=1, metavar="N",
@@ -239,9 +243,12 @@ def _worker(args: argparse.Namespace) -> int:
     from rexcore.worker.agent import WorkerAgent
     from rexcore.worker.errors import WorkerError
 
-    coordinator = args.coordinator or os.environ.get("REX_COORDINATOR")
-    if not coordinator:
-        raise _Fail("no coordinator: pass --coordinator URL or set REX_COORDINATOR", status=2)
+    from rexcore.protocol.discovery import CoordinatorNotFoundError, discover_coordinator
+
+    try:
+        coordinator = discover_coordinator(args.coordinator, dns_server=args.dns_server)
+    except CoordinatorNotFoundError as exc:
+        raise _Fail(str(exc), status=2) from None
     try:
         url = resolve_server(coordinator)
     except RexClientError as exc:
