@@ -648,6 +648,15 @@ class Scheduler:
                     message=f"action {execution.action_digest} ran past its timeout of "
                     f"{execution.timeout_s:g}s on worker {worker.id} and was killed",
                 )
+            if result.execution_metadata.oom_killed:  # the action's fault, never cached
+                peak = result.execution_metadata.peak_memory_bytes
+                return self._finish(
+                    execution, result=result, status="resource_exhausted", ran=True,
+                    message=f"action {execution.action_digest} ran out of memory on worker "
+                    f"{worker.id} and was killed (peak {peak or 0} bytes); raise its memory "
+                    "limit (the memory platform property, SandboxSpec.max_memory) or the "
+                    "sandbox's maximum",
+                )
             cache = self.runtime.config.storage.action_cache.enabled
             caching = None
             if result.exit_code == 0 and execution.cacheable and cache:

@@ -73,6 +73,7 @@ async def test_memory_hog(served):
     await guard(served)
     result = await run(served, "python3 -c 'x = bytearray(1 << 30)'", memory_bytes=128 << 20)
     assert result.result.execution_metadata.oom_killed and result.exit_code == 137
+    assert result.status == "resource_exhausted" and "out of memory" in result.message
     await still_serving(served)
 
 
