@@ -49,6 +49,51 @@ __all__ = [
 _VERIFIED_FOR_S = 30.0
 
 
+#: Blobs up to this size with a file in the store are read on the event loop: a page-cache
+#: read of a few KiB costs less than the hop to a thread and back (Actions, Commands and
+#: Directories are small, and an Execute reads several).
+_INLINE_READ = 64 << 10
+
+
+async def get_many(store: BlobStore, digests: list[Digest]) -> list[bytes | BaseException]:
+    """The blobs ``digests`` (or the error reading each), small local files read inline."""
+    found: list[bytes | BaseException | None] = [None] * len(digests)
+    rest: list[int] = []
+    for index, digest in enumerate(digests):
+        path = store.local_path(digest) if 0 < digest.size <= _INLINE_READ else None
+        if path is not None:
+            try:
+                with open(path, "rb") as file:
+                    data = file.read()
+            except OSError:  # evicted meanwhile: the store says what happened
+                data = b""
+            if len(data) == digest.size:
+                found[index] = data
+                continue
+        rest.append(index)
+    outcomes = await asyncio.gather(*(store.get(digests[i]) for i in rest),
+                                    return_exceptions=True)
+    for index, outcome in zip(rest, outcomes):
+        found[index] = outcome
+    return found  # type: ignore[return-value]
+
+
+async def get_one(store: BlobStore, digest: Digest) -> bytes:
+    [outcome] = await get_many(store, [digest])
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+async def put_all(store: BlobStore, blobs: dict[Digest, bytes]) -> None:
+    """Store ``blobs``; in one call (one thread hop for the disk store) where possible."""
+    put_many = getattr(store, "put_many", None)
+    if put_many is not None:
+        await put_many(blobs)
+    else:
+        await asyncio.gather(*(store.put(d, b) for d, b in blobs.items()))
+
+
 def invalid(message: str) -> ReapiError:
     return ReapiError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -129,8 +174,7 @@ class InputTreeConverter:
         level = [root] if root not in known else []
         missing: list[Digest] = []
         while level:
-            blobs = await asyncio.gather(*(self._store.get(d) for d in level),
-                                         return_exceptions=True)
+            blobs = await get_many(self._store, level)
             next_level: dict[Digest, None] = {}
             for digest, blob in zip(level, blobs):
                 if isinstance(blob, BlobNotFoundError):
@@ -167,7 +211,7 @@ class InputTreeConverter:
             files = tuple(node.digest for node in directory.files)
             known[digest] = _Converted(native, files, children)
         if blobs_to_store:
-            await asyncio.gather(*(self._store.put(d, b) for d, b in blobs_to_store.items()))
+            await put_all(self._store, blobs_to_store)
         while len(known) > self._max:
             known.popitem(last=False)
 
@@ -293,7 +337,7 @@ async def convert_action(
     and store the rex Action and Command in the CAS."""
     function = action_digest.function
     try:
-        action_bytes = await store.get(action_digest)
+        action_bytes = await get_one(store, action_digest)
     except BlobNotFoundError:
         raise missing_blobs_error([action_digest], "action") from None
     action = _parse(re_pb2.Action, action_bytes, f"action {action_digest}")
@@ -302,7 +346,7 @@ async def convert_action(
     command_digest = to_rex(action.command_digest, function, "action command_digest")
     root_digest = to_rex(action.input_root_digest, function, "action input_root_digest")
     try:
-        command_bytes = await store.get(command_digest)
+        command_bytes = await get_one(store, command_digest)
     except BlobNotFoundError:
         raise missing_blobs_error([command_digest], "action's command") from None
     command_message = _parse(re_pb2.Command, command_bytes, f"command {command_digest}")
@@ -322,8 +366,8 @@ async def convert_action(
     )
     native_action_bytes = rex.canonical_bytes(native_action)
     native_digest = digest_of(native_action_bytes, function)
-    await asyncio.gather(store.put(native_command_digest, native_command_bytes),
-                         store.put(native_digest, native_action_bytes))
+    await put_all(store, {native_command_digest: native_command_bytes,
+                          native_digest: native_action_bytes})
     return ConvertedAction(native_digest, native_action, native_action_bytes, command,
                            native_command_bytes, layout, action.do_not_cache)
 
@@ -440,7 +484,7 @@ class ResultConverter:
             self._trees.move_to_end(native_tree)
             return known
         function = native_tree.function
-        tree = decode(await self._store.get(native_tree), rex.Tree)
+        tree = decode(await get_one(self._store, native_tree), rex.Tree)
         by_native = {rex.canonical_digest(child, function): child for child in tree.children}
         converted: dict[Digest, tuple[re_pb2.Directory, Digest]] = {}
 
