@@ -330,6 +330,23 @@ def _open_writer(store: BlobStore, digest: Digest) -> BlobWriter:
     return store.open_write(digest)
 
 
+#: ReadResponse.data is field 10, length-delimited: tag byte (10 << 3) | 2.
+_READ_DATA_TAG = b"\x52"
+
+
+def encode_read_response(data: bytes | memoryview) -> bytes:
+    """A serialized ``ReadResponse(data=data)``, built directly: one copy of the chunk
+    instead of one into a message object and another out of it. ByteStream.Read is
+    registered with an identity serializer for these (see ``server.py``)."""
+    size = len(data)
+    header = bytearray(_READ_DATA_TAG)
+    while size > 0x7F:
+        header.append((size & 0x7F) | 0x80)
+        size >>= 7
+    header.append(size)
+    return b"".join((header, data))
+
+
 @attrs.define(eq=False)
 class _Upload:
     """An unfinished ByteStream write: what has arrived, for QueryWriteStatus and resume."""
@@ -371,7 +388,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
 
     @streaming
     async def Read(self, request: bs_pb2.ReadRequest,
-                   context: grpc.aio.ServicerContext) -> AsyncIterator[bs_pb2.ReadResponse]:
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         backend = self.backend
         name = parse_read_name(request.resource_name, backend.functions)
         backend.check_instance(name.instance_name)
@@ -394,12 +411,13 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 async for data in stream:
                     out = compressor.compress(data)
                     if out:
-                        yield bs_pb2.ReadResponse(data=out)
-                yield bs_pb2.ReadResponse(data=compressor.flush())
+                        yield encode_read_response(out)
+                yield encode_read_response(compressor.flush())
                 return
             async for data in stream:
-                for start in range(0, len(data), chunk):
-                    yield bs_pb2.ReadResponse(data=data[start:start + chunk])
+                view = memoryview(data)
+                for start in range(0, len(view), chunk):
+                    yield encode_read_response(view[start:start + chunk])
         except BlobNotFoundError:
             raise ReapiError(grpc.StatusCode.NOT_FOUND, f"blob {digest} is not in the CAS") from None
 

@@ -14,7 +14,7 @@ from rex_reapi.backend import ReapiBackend
 from rex_reapi.cas import ByteStreamService, CapabilitiesService, CasService
 from rex_reapi.execution import ExecutionService, OperationsService, make_operations
 from rex_reapi.options import ReapiOptions
-from rex_reapi.proto import bytestream_pb2, bytestream_pb2_grpc, remote_execution_pb2
+from rex_reapi.proto import bytestream_pb2, remote_execution_pb2
 from rex_reapi.proto import remote_execution_pb2_grpc as re_grpc
 from rexcore.config.types import parse_host_port
 from rexcore.core.runtime import ServiceRuntime
@@ -39,6 +39,26 @@ def _service_names() -> list[str]:
     names.append(bytestream_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name)
     names.append("google.longrunning.Operations")
     return names
+
+
+def _add_bytestream(servicer: ByteStreamService, server: grpc.aio.Server) -> None:
+    """ByteStream as the generated code would register it, except that Read's responses
+    arrive already serialized (``cas.encode_read_response``): the chunks are the bulk of
+    every download and are copied once fewer."""
+    handlers = {
+        "Read": grpc.unary_stream_rpc_method_handler(
+            servicer.Read, request_deserializer=bytestream_pb2.ReadRequest.FromString,
+            response_serializer=bytes),
+        "Write": grpc.stream_unary_rpc_method_handler(
+            servicer.Write, request_deserializer=bytestream_pb2.WriteRequest.FromString,
+            response_serializer=bytestream_pb2.WriteResponse.SerializeToString),
+        "QueryWriteStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.QueryWriteStatus,
+            request_deserializer=bytestream_pb2.QueryWriteStatusRequest.FromString,
+            response_serializer=bytestream_pb2.QueryWriteStatusResponse.SerializeToString),
+    }
+    name = bytestream_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
 
 
 class ReapiProtocol:
@@ -78,7 +98,7 @@ class ReapiProtocol:
         re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(backend), server)
         re_grpc.add_ExecutionServicer_to_server(ExecutionService(backend, operations), server)
         operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(operations), server)
-        bytestream_pb2_grpc.add_ByteStreamServicer_to_server(self._bytestream, server)
+        _add_bytestream(self._bytestream, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = _service_names()

@@ -37,3 +37,15 @@ def test_our_messages_keep_the_spec_field_numbers() -> None:
         assert {name: descriptor.fields_by_name[name].number for name in expected} == expected
     assert re_pb2.DigestFunction.Value.Value("BLAKE3") == 9
     assert re_pb2.Compressor.Value.Value("ZSTD") == 1
+
+
+def test_read_responses_built_by_hand_are_what_protobuf_would_send() -> None:
+    from rex_reapi.cas import encode_read_response
+    from rex_reapi.proto import bytestream_pb2
+
+    for size in (1, 127, 128, 300, 16_383, 16_384, (1 << 20) + 5):
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        expected = bytestream_pb2.ReadResponse(data=data).SerializeToString()
+        assert encode_read_response(data) == expected
+        assert encode_read_response(memoryview(data)) == expected
+    assert bytestream_pb2.ReadResponse.FromString(encode_read_response(b"")).data == b""
