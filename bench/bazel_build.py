@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _rexd import start_rexd, stop_rexd
 
 
 def write_workspace(root: Path, genrules: int, width: int) -> None:
@@ -48,27 +47,6 @@ def write_workspace(root: Path, genrules: int, width: int) -> None:
             f'head -c 20000 > $@ && md5sum $< >> $@")\n'
         )
     (root / "BUILD").write_text("".join(rules))
-
-
-def start_rexd(data_dir: Path, workers: int, slots: int,
-               sandbox: str) -> tuple[subprocess.Popen[str], str]:
-    log = data_dir.parent / "rexd.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rexcore.cli.rexd", "serve", "--data-dir", str(data_dir),
-             "--http", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--workers", str(workers),
-             "--worker-slots", str(slots), "--sandbox", sandbox],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        text = log.read_text()
-        found = re.search(r"rexd: reapi listening on grpc://(\S+)", text)
-        if found and text.count(" joined") >= workers:
-            return process, found.group(1)
-        time.sleep(0.1)
-    raise SystemExit(f"bench: rexd did not start serving REAPI:\n{log.read_text()[-3000:]}")
 
 
 def main() -> None:
@@ -106,13 +84,16 @@ def main() -> None:
                                  f"{result.stderr[-3000:]}")
             return elapsed
 
-        process, address = start_rexd(base / "rex-data", args.workers, args.slots, args.sandbox)
+        process, url = start_rexd(
+            base / "rex-data", "--listen", "127.0.0.1:0", "--workers", str(args.workers),
+            "--worker-slots", str(args.slots), "--sandbox", args.sandbox,
+            protocol="reapi", workers=args.workers)
         local_runs: list[float] = []
         remote_runs: list[float] = []
         warm_runs: list[float] = []
         try:
             jobs = f"--jobs={args.jobs}"
-            remote = [f"--remote_executor=grpc://{address}", "--spawn_strategy=remote",
+            remote = [f"--remote_executor={url}", "--spawn_strategy=remote",
                       "--noremote_local_fallback", *args.remote_flag]
             run("build", "--nobuild", "//:all")  # server up, packages loaded: timed builds
             for repetition in range(args.repeat):  # compare only the execution phase
@@ -126,11 +107,7 @@ def main() -> None:
                 warm_runs.append(run("build", jobs, env_flag, *remote, "//:all"))
         finally:
             subprocess.run([*startup, "shutdown"], cwd=workspace, env=env, capture_output=True)
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+            stop_rexd(process)
     local_s, remote_s = statistics.median(local_runs), statistics.median(remote_runs)
     ratios = [r / l for l, r in zip(local_runs, remote_runs)]
     print(json.dumps({

@@ -34,10 +34,8 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -49,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 import grpc
 from _buildgrid import VERSION, start_buildgrid, stop_buildgrid
+from _rexd import start_rexd, stop_rexd
 from rex_reapi.proto import bytestream_pb2 as bs_pb2
 from rex_reapi.proto import bytestream_pb2_grpc as bs_grpc
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
@@ -56,45 +55,11 @@ from rex_reapi.proto import remote_execution_pb2_grpc as re_grpc
 
 from rexcore.protocol.client import tune_malloc_for_streaming
 
-_REAPI_LISTENING = re.compile(r"rexd: reapi listening on grpc://(\S+)")
 _CHUNK = 1 << 20
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
 ]
-
-
-def start_rexd_reapi(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    """``rexd serve --workers 0`` with REAPI on a free port; returns it and ``HOST:PORT``."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rexcore.cli.rexd", "serve", "--data-dir", str(data_dir),
-         "--http", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--workers", "0",
-         "--log-level", "warning"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env=env,
-    )
-    assert process.stderr is not None
-    seen: list[str] = []
-    for line in process.stderr:
-        seen.append(line)
-        if match := _REAPI_LISTENING.search(line):
-            threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
-            return process, match.group(1)
-    process.wait()
-    raise SystemExit(f"bench: rexd serve exited {process.returncode}: {''.join(seen[-5:])}")
-
-
-def stop_process(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _digest(data: bytes) -> re_pb2.Digest:
@@ -268,8 +233,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rex-bench-reapi-", dir=args.dir))
     processes: list[Callable[[], None]] = []
     try:
-        rexd, rex_address = start_rexd_reapi(work / "rex")
-        processes.append(lambda: stop_process(rexd))
+        rexd, rex_url = start_rexd(work / "rex", "--listen", "127.0.0.1:0", "--workers", "0",
+                                   "--log-level", "warning", protocol="reapi")
+        rex_address = rex_url.removeprefix("grpc://")
+        processes.append(lambda: stop_rexd(rexd))
         subjects = [Subject("rex", rex_address, args.find_count)]
         if not args.skip_buildgrid:
             bgd, bgd_address = start_buildgrid(work / "buildgrid", args.buildgrid_version)

@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+import weakref
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from rexcore.pool.provisioner import WorkerState
-from rexcore.providers.interface import ProvidedWorkerState, ProviderError
+from rexcore.providers.interface import ProvidedWorker, ProvidedWorkerState, ProviderError
 from rexcore.serialization.operation import PoolStatus
 
 if TYPE_CHECKING:
     from rexcore.pool.pool import WorkerPool
 
 __all__ = ["pool_status"]
+
+#: A provider's listing is reused this long: one ``/healthz`` runs several checks, and
+#: ``/v1/status`` and the metrics collector ask too; for a cloud provider each listing is
+#: an API call.
+_LISTING_TTL_S = 1.0
+_listings: weakref.WeakKeyDictionary[WorkerPool, tuple[float, Sequence[ProvidedWorker]]] = (
+    weakref.WeakKeyDictionary())
+
+
+async def _listed_workers(pool: WorkerPool) -> Sequence[ProvidedWorker]:
+    now = time.monotonic()
+    cached = _listings.get(pool)
+    if cached is not None and now - cached[0] < _LISTING_TTL_S:
+        return cached[1]
+    workers = await pool.workers()
+    _listings[pool] = (now, workers)
+    return workers
 
 
 async def pool_status(pool: WorkerPool, running_by_worker: Mapping[str, int]) -> PoolStatus:
@@ -28,7 +47,7 @@ async def pool_status(pool: WorkerPool, running_by_worker: Mapping[str, int]) ->
         # the scheduler which of its workers have joined. Read-only: nothing is released.
         counts = dict.fromkeys(counts, 0)
         try:
-            workers = await pool.workers()
+            workers = await _listed_workers(pool)
         except ProviderError as exc:
             workers, last_error = [], f"listing workers: {exc}"
         for worker in workers:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from rex_reapi.backend import ReapiBackend, unary
-from rex_reapi.convert import result_from_proto
+from rex_reapi.convert import get_many, result_from_proto
 from rex_reapi.digests import to_rex
 from rex_reapi.errors import ReapiError
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
@@ -30,15 +30,18 @@ async def inline_outputs(backend: ReapiBackend, result: re_pb2.ActionResult, fun
     for file in result.output_files:
         if file.path in files:
             wanted.append((file, "contents", to_rex(file.digest, function)))
+    fitting = []
     for holder, field, digest in wanted:
-        if digest.size > budget:
+        if digest.size <= budget:
+            fitting.append((holder, field, digest))
+            budget -= digest.size
+    blobs = await get_many(backend.store, [digest for _, _, digest in fitting])
+    for (holder, field, _), data in zip(fitting, blobs):
+        if isinstance(data, StorageError):  # gone meanwhile: the digest still says it
             continue
-        try:
-            data = await backend.store.get(digest)
-        except StorageError:
-            continue
+        if isinstance(data, BaseException):
+            raise data
         setattr(holder, field, data)
-        budget -= digest.size
 
 
 class ActionCacheService(re_grpc.ActionCacheServicer):

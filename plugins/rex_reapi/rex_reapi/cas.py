@@ -14,7 +14,7 @@ import zstandard
 from google.rpc import code_pb2
 
 from rex_reapi.backend import ReapiBackend, streaming, unary
-from rex_reapi.convert import invalid
+from rex_reapi.convert import get_many, invalid
 from rex_reapi.digests import function_value, to_proto, to_rex
 from rex_reapi.errors import ReapiError, missing_blobs_error, rpc_status
 from rex_reapi.proto import bytestream_pb2 as bs_pb2
@@ -162,8 +162,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         function = backend.function(request.digest_function)
         digests = [to_rex(d, function, "digests") for d in request.digests]
         self._check_batch([d.size for d in digests], "BatchReadBlobs")
-        blobs = await asyncio.gather(*(backend.store.get(d) for d in digests),
-                                     return_exceptions=True)
+        blobs = await get_many(backend.store, digests)
         response = re_pb2.BatchReadBlobsResponse()
         for proto, digest, blob in zip(request.digests, digests, blobs):
             one = response.responses.add(digest=proto)
@@ -198,8 +197,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         page = re_pb2.GetTreeResponse()
         first = True
         while level:
-            blobs = await asyncio.gather(*(backend.store.get(d) for d in level),
-                                         return_exceptions=True)
+            blobs = await get_many(backend.store, level)
             next_level: list[Digest] = []
             for digest, blob in zip(level, blobs):
                 if isinstance(blob, BlobNotFoundError):
