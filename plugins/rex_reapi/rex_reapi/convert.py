@@ -171,6 +171,7 @@ class InputTreeConverter:
         """Fetch and convert every directory of the tree that is not converted yet."""
         known = self._converted
         fetched: dict[Digest, re_pb2.Directory] = {}
+        native_of: dict[Digest, Digest] = {}  # rex digests of the directories converted
         level = [root] if root not in known else []
         missing: list[Digest] = []
         while level:
@@ -187,21 +188,21 @@ class InputTreeConverter:
                 for node in message.directories:
                     child = to_rex(node.digest, root.function,
                                    f"input directory {digest}: directory {node.name!r}")
-                    if child not in known and child not in fetched:
+                    if child in known:  # read now: another Execute may drop it meanwhile
+                        native_of.setdefault(child, known[child].native)
+                    elif child not in fetched:
                         next_level[child] = None
             level = [d for d in next_level if d not in fetched]
         if missing:
             raise missing_blobs_error(missing, "input tree")
         # Convert children before parents: a parent needs its children's rex digests.
-        native_of: dict[Digest, Digest] = {}
         blobs_to_store: dict[Digest, bytes] = {}
+        converted: dict[Digest, _Converted] = {}
         order = _children_first(root, fetched)
         for digest in order:
             message = fetched[digest]
             children = tuple(to_rex(node.digest, root.function) for node in message.directories)
-            child_native = {
-                child: (native_of.get(child) or known[child].native) for child in children
-            }
+            child_native = {child: native_of[child] for child in children}
             directory = _directory_to_rex(message, root.function, f"input directory {digest}",
                                           child_native)
             data = rex.canonical_bytes(directory)
@@ -209,9 +210,12 @@ class InputTreeConverter:
             native_of[digest] = native
             blobs_to_store[native] = data
             files = tuple(node.digest for node in directory.files)
-            known[digest] = _Converted(native, files, children)
+            converted[digest] = _Converted(native, files, children)
         if blobs_to_store:
             await put_all(self._store, blobs_to_store)
+        # Known only once stored: a concurrent Execute of an overlapping tree must not
+        # find an entry whose rex blob is not in the store yet (it would count as evicted).
+        known.update(converted)
         while len(known) > self._max:
             known.popitem(last=False)
 
@@ -248,7 +252,9 @@ class InputTreeConverter:
         if missing:
             raise missing_blobs_error(missing, "input tree")
         for digest in walked:
-            self._converted[digest].verified_at = now
+            entry = self._converted.get(digest)
+            if entry is not None:
+                entry.verified_at = now
         return []
 
 
