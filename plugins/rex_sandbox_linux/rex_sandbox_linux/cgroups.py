@@ -206,6 +206,10 @@ class ActionCgroup:
         self._used = False
         self._start_cpu_s, self._start_oom_kills = 0.0, 0
         self._created: list[Path] = []
+        # Descriptors of the files read (and the peak reset written) for every action:
+        # a pread on a kept descriptor costs a microsecond or two, opening the file each
+        # time tens of microseconds, and an action reads about ten of them.
+        self._kept: dict[tuple[Path, int], int] = {}
         for directory in dict.fromkeys(self.dirs.values()):
             try:
                 directory.mkdir()
@@ -265,15 +269,45 @@ class ActionCgroup:
             _write(tasks / "pids.max", str(pids + (self.resident is not None)))
         self._limits = (memory_bytes, cpus, pids)
 
+    def _descriptor(self, path: Path, flags: int) -> int:
+        fd = self._kept.get((path, flags))
+        if fd is None:
+            fd = self._kept[path, flags] = os.open(path, flags | os.O_CLOEXEC)
+        return fd
+
+    def _read(self, path: Path, keep: bool = True) -> str | None:
+        """The file's whole text, read afresh; through a kept descriptor with ``keep``
+        (not for a list of processes: v1 reuses the list an open file first read)."""
+        fd = -1
+        try:
+            fd = self._descriptor(path, os.O_RDONLY) if keep else \
+                os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            chunks = [os.pread(fd, 65536, 0)]
+            while len(chunks[-1]) == 65536:
+                chunks.append(os.pread(fd, 65536, 65536 * len(chunks)))
+        except OSError:
+            return None
+        finally:
+            if not keep and fd >= 0:
+                os.close(fd)
+        return b"".join(chunks).decode()
+
+    def _write(self, path: Path, value: str) -> None:
+        try:
+            os.pwrite(self._descriptor(path, os.O_WRONLY), value.encode(), 0)
+        except OSError as exc:
+            raise CgroupError(f"cgroups: cannot write {value!r} to {path}: "
+                              f"{exc.strerror}") from exc
+
     def pids(self) -> list[int]:
         """The processes in it, but its resident."""
-        text = _read(self.dirs["pids"] / "cgroup.procs") or ""
+        text = self._read(self.dirs["pids"] / "cgroup.procs", keep=False) or ""
         return [pid for pid in map(int, text.split()) if pid != self.resident]
 
     def memory_in_use(self) -> int | None:
         """Bytes charged to it now (page cache included)."""
         name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
-        text = _read(self.dirs["memory"] / name)
+        text = self._read(self.dirs["memory"] / name)
         return int(text) if text and text.strip().isdigit() else None
 
     def start_usage(self) -> bool:
@@ -284,9 +318,9 @@ class ActionCgroup:
             memory = self.dirs["memory"]
             try:
                 if self.version == 2:
-                    _write(memory / "memory.peak", "reset")
+                    self._write(memory / "memory.peak", "reset")
                 else:
-                    _write(memory / "memory.max_usage_in_bytes", "0")
+                    self._write(memory / "memory.max_usage_in_bytes", "0")
             except CgroupError:
                 return False
         self._used = True
@@ -308,23 +342,28 @@ class ActionCgroup:
 
     def _counters(self) -> tuple[float | None, int | None, int | None]:
         memory = self.dirs["memory"]
+        read = self._read
         if self.version == 2:
-            usec = _stat_field(_read(self.dirs["cpu"] / "cpu.stat"), "usage_usec")
+            usec = _stat_field(read(self.dirs["cpu"] / "cpu.stat"), "usage_usec")
             cpu_s = usec / 1e6 if usec is not None else None
-            peak_text = _read(memory / "memory.peak")
-            oom = _stat_field(_read(memory / "memory.events"), "oom_kill")
+            peak_text = read(memory / "memory.peak")
+            oom = _stat_field(read(memory / "memory.events"), "oom_kill")
         else:
             cpu_s = None
             if "cpuacct" in self.dirs:
-                nanos = _read(self.dirs["cpuacct"] / "cpuacct.usage")
+                nanos = read(self.dirs["cpuacct"] / "cpuacct.usage")
                 cpu_s = int(nanos) / 1e9 if nanos else None
-            peak_text = _read(memory / "memory.max_usage_in_bytes")
-            oom = _stat_field(_read(memory / "memory.oom_control"), "oom_kill")
+            peak_text = read(memory / "memory.max_usage_in_bytes")
+            oom = _stat_field(read(memory / "memory.oom_control"), "oom_kill")
         peak = int(peak_text) if peak_text and peak_text.strip().isdigit() else None
         return cpu_s, peak, oom
 
     def remove(self) -> list[str]:
         """Remove the directories; the ones that would not go (with the reason)."""
+        for fd in self._kept.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._kept.clear()
         left = []
         for directory in reversed(self._created):
             try:

@@ -5,7 +5,7 @@
  * must happen before bubblewrap runs and what Python cannot do between fork and exec,
  * then execs bubblewrap in place, so an action costs one small extra exec:
  *
- *   rex-linux-exec -r<fd> [-g<cgroup.procs>]... [-n] [-S<fd>] [-m<dir>|-b<dir>]
+ *   rex-linux-exec -r<fd> [-g<cgroup.procs>]... [-n] [-e] [-S<fd>] [-h] [-m<dir>|-b<dir>]
  *                  [-l<resource>:<soft>:<hard>]... [-u<uid>:<gid>] [-k<fd>]... -- /usr/bin/bwrap args...
  *
  *   -r  report fd (close-on-exec): "setup <errno> <what>" when a step fails, else
@@ -28,6 +28,15 @@
  *       share that directory (the worker's exec dir), so most actions mount nothing.
  *       Needs that directory to be searchable by the action's user (bubblewrap passes it)
  *   -k  keep this fd open across the exec; every other fd above 2 is closed on exec
+ *   -e  enter a new network namespace with only the loopback interface, up: a slot's
+ *       spawner, so that each action it forks is born in a fresh one that is ready
+ *       already. After each fork the spawner, having replied, makes the next action's
+ *       namespace while this one runs: creating a network namespace costs more than a
+ *       millisecond, which bubblewrap's --unshare-net would add to every action. When
+ *       that fails, the spawner refuses the next action (the reply is -errno) rather
+ *       than let it share a namespace with the previous one
+ *   -h  back into the host's network namespace (the one -e left): an action that may use
+ *       the network, forked by such a spawner
  *
  *   -S  serve: from here on, this process is an action slot's spawner. It has joined the
  *       slot's cgroups (-g before -S), once; per action the worker sends one message on
@@ -41,7 +50,7 @@
  *       message the spawner sends is 0 once it is ready, or a "setup" report. End of file
  *       on the socket ends it; so does the worker's death (PR_SET_PDEATHSIG).
  *
- * Options take effect in the order given: -g and -m before -u (they need root).
+ * Options take effect in the order given: -g, -m, -e and -h before -u (they need root).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -53,6 +62,8 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -62,6 +73,7 @@
 #include <unistd.h>
 
 static int report_fd = -1;
+static int host_network = -1;  /* -e: the namespace left, for -h; far from fds 0-4 */
 
 static void setup_failed(const char *what, int err) {
     if (report_fd >= 0)
@@ -87,6 +99,39 @@ static void bind_exec_dir(const char *target) {
     umount2(target, MNT_DETACH);  /* another directory's bind, if any */
     if (mount(source, target, NULL, MS_BIND | MS_REC, NULL) != 0)
         setup_failed("binding the exec root's directory", errno);
+}
+
+/* Into a new network namespace whose loopback interface is up: 0, or an errno. */
+static int fresh_network(void) {
+    if (unshare(CLONE_NEWNET) != 0)
+        return errno;
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0)
+        return errno;
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    strncpy(request.ifr_name, "lo", IFNAMSIZ - 1);
+    int err = 0;
+    if (ioctl(sock, SIOCGIFFLAGS, &request) != 0)
+        err = errno;
+    request.ifr_flags |= IFF_UP;
+    if (err == 0 && ioctl(sock, SIOCSIFFLAGS, &request) != 0)
+        err = errno;
+    close(sock);
+    return err;
+}
+
+static void private_network(void) {
+    int fd = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        setup_failed("opening the host's network namespace", errno);
+    host_network = fcntl(fd, F_DUPFD_CLOEXEC, 32);
+    if (host_network < 0)
+        setup_failed("moving the network namespace's fd", errno);
+    close(fd);
+    int err = fresh_network();
+    if (err != 0)
+        setup_failed("a network namespace with loopback up", err);
 }
 
 static void join_cgroup(const char *procs) {
@@ -133,6 +178,7 @@ enum { SLOT_FDS = 6 };  /* arguments, stdin, stdout, stderr, report, exec root *
 
 /* The spawner's loop; returns only in a forked child, with that action's argv. */
 static char **serve(int sock, int *argc) {
+    int network_error = 0;
     prctl(PR_SET_PDEATHSIG, SIGKILL);
     int32_t ready = 0;
     if (send(sock, &ready, sizeof ready, MSG_NOSIGNAL) != sizeof ready)
@@ -166,7 +212,9 @@ static char **serve(int sock, int *argc) {
                 }
             }
         int32_t reply = -EINVAL;
-        if (received == SLOT_FDS && !(msg.msg_flags & MSG_CTRUNC)) {
+        if (network_error != 0) {
+            reply = -network_error;
+        } else if (received == SLOT_FDS && !(msg.msg_flags & MSG_CTRUNC)) {
             /* CLONE_VFORK: the child runs at once on this CPU (the spawner waits until it
              * has exec'd bubblewrap) rather than queueing behind a busy host's tasks. */
             long pid = syscall(SYS_clone, CLONE_PARENT | CLONE_VFORK | SIGCHLD, 0, 0, 0, 0);
@@ -192,6 +240,9 @@ static char **serve(int sock, int *argc) {
             close(fds[k]);
         if (send(sock, &reply, sizeof reply, MSG_NOSIGNAL) != sizeof reply)
             _exit(0);
+        /* The next action's namespace, made while this one runs (-e). */
+        if (reply > 0 && host_network >= 0)
+            network_error = fresh_network();
     }
 }
 
@@ -231,6 +282,13 @@ int main(int argc, char **argv) {
                 setup_failed("unshare(CLONE_NEWNS)", errno);
             if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
                 setup_failed("making mounts private", errno);
+        } else if (strcmp(arg, "-e") == 0) {
+            private_network();
+        } else if (strcmp(arg, "-h") == 0) {
+            if (host_network < 0)
+                setup_failed("-h without a network namespace left by -e", EINVAL);
+            if (setns(host_network, CLONE_NEWNET) != 0)
+                setup_failed("setns to the host's network namespace", errno);
         } else if (strncmp(arg, "-b", 2) == 0) {
             bind_exec_dir(arg + 2);
         } else if (strncmp(arg, "-l", 2) == 0) {

@@ -4,8 +4,10 @@ One action costs one fork of a tiny C helper (``rex_linux_exec.c``, compiled onc
 machine into ``~/.cache/rex``), made by that helper's resident copy in the action's cgroup
 slot (the *spawner*, see ``cgroups.py`` for why): the forked child, still the worker's
 own child, sets rlimits, drops to the action's user and closes every descriptor above 2,
-then execs bubblewrap in place. Bubblewrap unshares the user, mount, pid, ipc, uts, cgroup and (unless the action
-may use it) network namespaces, builds a root of its own (system directories read-only, a
+then execs bubblewrap in place. Bubblewrap unshares the user, mount, pid, ipc, uts and
+cgroup namespaces (and the network one, unless the action may use the network: when
+the worker runs as root, the slot's spawner has made that one ahead of time, while the
+previous action ran, and the action is born in it), builds a root of its own (system directories read-only, a
 minimal /etc, fresh /proc, minimal /dev, tmpfs /tmp and temp dirs, the exec root
 writable), sets no_new_privs, drops every capability and runs the command under a
 reaper that is pid 1 of the new pid namespace: when the command exits, or that reaper is
@@ -154,8 +156,10 @@ def _probe(bwrap: str) -> ProbeResult:
         try:
             cgroup.limit(256 << 20, 1.0, 64)
             # The helper applies its options in order: join the cgroup while still root.
+            # As root it also tries the spawners' empty network namespace (-e).
             argv = [helper, "-r2", *(f"-g{p}" for p in cgroup.procs_files),
-                    *_helper_user(owner), "--", bwrap, *_NAMESPACES, "--unshare-net", "--die-with-parent",
+                    *(["-e"] if os.geteuid() == 0 else []), *_helper_user(owner), "--",
+                    bwrap, *_NAMESPACES, "--unshare-net", "--die-with-parent",
                     "--cap-drop", "ALL", *_system_mounts(SYSTEM_PATHS), "--proc", "/proc",
                     "--dev", "/dev", "--", "/bin/true"]
             done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env={},
@@ -291,15 +295,17 @@ class _Slot:
 
     @classmethod
     def start(cls, helper: str, parent: WorkerCgroups, name: str,
-              mount_namespace: bool) -> _Slot:
+              mount_namespace: bool, private_network: bool) -> _Slot:
         """Create the cgroup and start its spawner (blocking: run it in a thread); with
-        ``mount_namespace``, in a mount namespace of its own (for the helper's -b)."""
+        ``mount_namespace``, in a mount namespace of its own (for the helper's -b); with
+        ``private_network``, making each action's network namespace ahead of time (-e)."""
         cgroup = ActionCgroup(parent, name)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = None
         try:
             argv = [helper, "-r3", *(f"-g{p}" for p in cgroup.procs_files),
-                    *(["-n"] if mount_namespace else []), "-S3"]
+                    *(["-n"] if mount_namespace else []),
+                    *(["-e"] if private_network else []), "-S3"]
             pid = os.posix_spawn(helper, argv, {}, setpgroup=0, file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
@@ -485,15 +491,21 @@ def _clamp(wanted: float | None, default: float | None, maximum: float | None) -
     return value
 
 
-def _give_directories(root: str, owner: tuple[int, int]) -> None:
+def _give_directories(pending: list[str], owner: tuple[int, int],
+                      budget: int | None = None) -> list[str]:
     """Hand the exec root's directories (never a file: it may be a hardlink of a cached
-    blob; never a symlink) to the action's user, so it can create files there."""
-    pending = [root]
+    blob; never a symlink) to the action's user, so it can create files there. With a
+    ``budget``, stop after that many directories: the ones left to do."""
     while pending:
+        if budget is not None:
+            if budget <= 0:
+                return pending
+            budget -= 1
         path = pending.pop()
         os.chown(path, *owner, follow_symlinks=False)
         with os.scandir(path) as entries:
             pending.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+    return []
 
 
 def _open_output(path: Path) -> int:
@@ -514,6 +526,9 @@ class LinuxSandbox:
                                     "executable; install bubblewrap or set the option bwrap")
         self._helper = build_helper()
         self._owner = _resolve_user(options.user)
+        # A slot's spawner can make each action's network namespace ahead of time (off
+        # the action's path) only with CAP_SYS_ADMIN; otherwise bubblewrap makes it.
+        self._private_network = os.geteuid() == 0
         self._layout = layout or detect_cgroups()
         remove_stale(self._layout)
         self._cgroups = WorkerCgroups(self._layout)
@@ -564,6 +579,8 @@ class LinuxSandbox:
         """The helper's options for one action, from its report fd on (see -S)."""
         root = str(request.exec_root)
         argv = [f"-r{_REPORT_FD}"]
+        if network and self._private_network:
+            argv.append("-h")  # out of the fresh network namespace, into the host's
         if self._owner is None:  # bubblewrap runs as the worker's user: it can reach it
             argv += [f"-k{_EXEC_ROOT_FD}", *self._limits(), "--", *self._static,
                      "--bind-fd", str(_EXEC_ROOT_FD), root]
@@ -577,7 +594,7 @@ class LinuxSandbox:
             mount_point = str(self._view / "exec-root")
             argv += [f"-m{mount_point}", *self._limits(), *_helper_user(self._owner), "--",
                      *self._static, "--bind", mount_point, root]
-        if not network:
+        if not network and not self._private_network:
             argv.append("--unshare-net")
         for temp in request.spec.temp_dirs:
             argv += ["--size", str(self.options.tmp_size), "--tmpfs", f"{root}/{temp}"]
@@ -607,8 +624,10 @@ class LinuxSandbox:
                 raise LinuxSandboxError(f"linux sandbox: the working directory {cwd} does "
                                         "not exist; the worker must create it first")
             if self._owner is not None:
-                await asyncio.to_thread(_give_directories, str(request.exec_root),
-                                        self._owner)
+                # A few directories inline (most actions): a thread hop costs more.
+                left = _give_directories([str(request.exec_root)], self._owner, budget=16)
+                if left:
+                    await asyncio.to_thread(_give_directories, left, self._owner)
         except OSError as exc:
             raise LinuxSandboxError(f"linux sandbox: cannot prepare {request.exec_root}: "
                                     f"{exc}") from exc
@@ -647,7 +666,8 @@ class LinuxSandbox:
         try:
             return await asyncio.to_thread(_Slot.start, self._helper, self._cgroups,
                                            f"slot-{next(_slot_numbers)}",
-                                           self._owner is not None)
+                                           self._owner is not None,
+                                           self._private_network)
         except OSError as exc:
             raise LinuxSandboxError(f"linux sandbox: cannot start an action slot's spawner "
                                     f"{self._helper}: {exc}; check the worker's limits "

@@ -132,6 +132,64 @@ async def test_an_oom_kill_is_reported_and_counted(linux_sandbox, exec_root):
     assert fine.exit_code == 0 and not fine.oom_killed and fine.cpu_s is not None
 
 
+async def test_usage_is_counted_per_action_on_a_reused_slot(linux_sandbox, exec_root):
+    big = await linux_sandbox.run(request(
+        exec_root, "python3 -c 'x = bytearray(96 << 20); x[::4096] = b\"x\" * len(x[::4096])'"))
+    small = await linux_sandbox.run(request(exec_root, "true"))
+    assert big.exit_code == 0 and small.exit_code == 0
+    assert len(linux_sandbox._free_slots) == 1  # both ran in the same slot
+    assert big.peak_memory_bytes is not None and big.peak_memory_bytes >= 96 << 20
+    assert small.peak_memory_bytes is not None and small.peak_memory_bytes < 48 << 20
+    assert big.cpu_s is not None and small.cpu_s is not None and small.cpu_s < big.cpu_s
+
+
+async def test_each_action_gets_a_fresh_network_namespace_it_cannot_change(
+        linux_sandbox, exec_root):
+    """As root, a slot's spawner makes each action's network namespace ahead of time:
+    a new one per action all the same, only loopback, up, and not the action's to
+    reconfigure."""
+    (exec_root / "down.py").write_text(
+        "import fcntl, socket, struct\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "try:\n"
+        "    fcntl.ioctl(s, 0x8914, struct.pack('16sh14x', b'lo', 0))  # SIOCSIFFLAGS: down\n"
+        "    print('changed')\n"
+        "except OSError as e:\n"
+        "    print('refused', e.errno)\n")
+    script = ("readlink /proc/self/ns/net; tail -n +3 /proc/net/dev | cut -d: -f1 | "
+              "tr -d ' '; python3 down.py; python3 -c 'import socket; s = socket.socket(); "
+              "s.bind((\"127.0.0.1\", 40123)); s.listen(); "
+              "socket.create_connection((\"127.0.0.1\", 40123)); print(\"loopback\")'")
+    seen = []
+    for _ in range(3):
+        result = await linux_sandbox.run(request(exec_root, script))
+        assert result.exit_code == 0, err(exec_root)
+        namespace, *rest = out(exec_root).split("\n")
+        assert rest == ["lo", "refused 1", "loopback", ""]  # EPERM
+        seen.append(namespace)
+    assert len(linux_sandbox._free_slots) == 1  # all three in the same slot
+    # Each was made while the one before still ran, so the two cannot be one namespace
+    # (a freed namespace's number may come back later, so only neighbours are compared).
+    assert all(a != b for a, b in zip(seen, seen[1:]))
+    assert os.readlink("/proc/self/ns/net") not in seen
+
+
+def test_directories_are_handed_over_past_the_inline_budget(tmp_path):
+    from rex_sandbox_linux.sandbox import _give_directories
+
+    root = tmp_path / "root"
+    for n in range(40):
+        (root / f"d{n}" / "inner").mkdir(parents=True)
+    (root / "file").write_text("cached")
+    owner = (65534, 65534)
+    left = _give_directories([str(root)], owner, budget=16)
+    assert left
+    assert _give_directories(left, owner) == []
+    every = [root, *root.glob("d*"), *root.glob("d*/inner")]
+    assert len(every) == 81 and all(p.stat().st_uid == 65534 for p in every)
+    assert (root / "file").stat().st_uid == os.geteuid()  # files are never handed over
+
+
 async def test_a_memory_request_above_the_maximum_gets_the_maximum(tmp_path, exec_root):
     sandbox = LinuxSandbox(LinuxSandboxOptions(max_memory=128 << 20), data_dir=tmp_path)
     try:
