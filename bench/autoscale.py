@@ -34,6 +34,9 @@ def _run(job: tuple[str, str | None, int, float, str]) -> dict:
     return attrs.asdict(result)
 
 
+_TARGETS = ("cost_target_met", "p95_equal_or_better", "never_5pct_worse")
+
+
 def _compare(runs: list[dict]) -> list[dict]:
     by_key = {(r["workload"], r["startup_s"], r["seed"], r["policy"]): r for r in runs}
     rows = []
@@ -87,8 +90,16 @@ def main() -> None:
             "cost": sum(r["cost_target_met"] for r in comparison),
             "p95_equal_or_better": sum(r["p95_equal_or_better"] for r in comparison),
             "never_5pct_worse": sum(r["never_5pct_worse"] for r in comparison),
+            "all": sum(all(r[k] for k in _TARGETS) for r in comparison),
             "of": len(comparison),
         },
+        # Which comparisons miss which part of the target, with their ratios.
+        "misses": [
+            {"workload": r["workload"], "startup_s": r["startup_s"], "seed": r["seed"],
+             "missed": [k for k in _TARGETS if not r[k]],
+             "cost_vs_hpa": r["cost_vs_hpa"], "p95_vs_hpa": r["p95_vs_hpa"]}
+            for r in comparison if not all(r[k] for k in _TARGETS)
+        ],
     }, indent=1))
 
 

@@ -1,9 +1,10 @@
 """The built-in scaling policies: ``predictive`` (the default), ``reactive`` and ``static``.
 
 Each is built by ``factory(options, pool_config)``. The two that move share
-:class:`ScalingGate`, which holds every decision to the pool's cooldowns and only scales
-in to the largest size asked for over the scale-down cooldown, so that a dip shorter than
-the cooldown never turns into a scale-in followed by a scale-out.
+:class:`ScalingGate`, which holds every decision to the pool's cooldowns; for
+``reactive`` it also scales in only to the largest size asked for over the scale-down
+cooldown, so that a dip shorter than the cooldown never turns into a scale-in followed by
+a scale-out (``predictive`` has its own dead band instead, see docs/autoscaling.md).
 """
 
 from __future__ import annotations
@@ -34,17 +35,24 @@ _unit = attrs.validators.and_(attrs.validators.gt(0), attrs.validators.lt(1))
 
 
 class ScalingGate:
-    """Cooldowns and scale-in stabilisation around a policy's raw recommendation."""
+    """Cooldowns and scale-in stabilisation around a policy's raw recommendation.
 
-    def __init__(self, up_cooldown_s: float, down_cooldown_s: float) -> None:
+    A scale-up waits ``up_cooldown_s`` after the last scale-up; a scale-in waits
+    ``down_cooldown_s`` after any change and goes only down to the largest size asked for
+    within ``window_s`` (default: the scale-down cooldown; 0 scales in to what is asked).
+    """
+
+    def __init__(self, up_cooldown_s: float, down_cooldown_s: float,
+                 window_s: float | None = None) -> None:
         self.up_cooldown_s = up_cooldown_s
         self.down_cooldown_s = down_cooldown_s
+        self.window_s = down_cooldown_s if window_s is None else window_s
         self._recommended: deque[tuple[float, int]] = deque()
         self._last_up = self._last_down = -math.inf
 
     def apply(self, now: float, current: int, wanted: int, reason: str) -> ScalingDecision:
         self._recommended.append((now, wanted))
-        while self._recommended[0][0] < now - self.down_cooldown_s:
+        while self._recommended[0][0] < now - self.window_s:
             self._recommended.popleft()
         if wanted > current:
             wait = self._last_up + self.up_cooldown_s - now
@@ -62,7 +70,7 @@ class ScalingGate:
             if stable >= current:
                 return ScalingDecision(current, f"{reason}; holding {current}: "
                                                 f"{stable} was needed within "
-                                                f"{self.down_cooldown_s:.0f}s")
+                                                f"{self.window_s:.0f}s")
             self._last_down = now
             return ScalingDecision(stable, reason)
         return ScalingDecision(current, reason)
@@ -144,23 +152,29 @@ class PredictiveOptions:
     """Options of the ``predictive`` policy (see docs/autoscaling.md).
 
     ``alpha``: smoothing of the arrival rate that detects changes. ``level_alpha``:
-    smoothing of the steady arrival rate the pool is sized for while the fast one agrees
-    with it. ``service_alpha``: smoothing of the service time. ``trend_samples``:
-    observations the trend is fitted over. ``wait_objective_s`` and ``wait_quantile``:
-    the queue wait to keep (by default 95% of actions start within 30 s).
-    ``initial_service_s``: the service time assumed until actions have finished.
+    smoothing of the steady arrival rate the pool is sized for. ``service_alpha``:
+    smoothing of the service time. ``trend_samples``: observations the trend is fitted
+    over. ``wait_objective_s`` and ``wait_quantile``: the queue wait to keep (by default
+    95% of actions start within 10 s). ``initial_service_s``: the service time assumed
+    until actions have finished. ``change_band``: how many standard errors the fast rate
+    must leave the steady level by for the load to count as moved (the level then
+    restarts there). ``noise_band``: how many standard errors of the sized rate a change
+    of the load must exceed before the pool grows or shrinks on it (the dead band that
+    keeps noise from reversing the pool).
     """
 
     alpha: float = attrs.field(default=0.3, validator=attrs.validators.and_(
         attrs.validators.gt(0), attrs.validators.le(1)))
     trend_samples: int = attrs.field(default=8, validator=attrs.validators.ge(3))
-    wait_objective_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    wait_objective_s: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     wait_quantile: float = attrs.field(default=0.95, validator=_unit)
     initial_service_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
-    service_alpha: float = attrs.field(default=0.05, validator=attrs.validators.and_(
+    service_alpha: float = attrs.field(default=0.01, validator=attrs.validators.and_(
         attrs.validators.gt(0), attrs.validators.le(1)))
-    level_alpha: float = attrs.field(default=0.05, validator=attrs.validators.and_(
+    level_alpha: float = attrs.field(default=0.025, validator=attrs.validators.and_(
         attrs.validators.gt(0), attrs.validators.le(1)))
+    change_band: float = attrs.field(default=3.0, validator=attrs.validators.gt(0))
+    noise_band: float = attrs.field(default=1.5, validator=attrs.validators.ge(0))
 
 
 class PredictivePolicy:
@@ -168,77 +182,116 @@ class PredictivePolicy:
 
     Three needs, in slots, and the largest wins:
 
-    * **tail**: Erlang C slots for the sized arrival rate (the steady level while the
-      fast rate agrees with it, plus the forecast) times the service time, so that
-      ``wait_quantile`` of actions wait at most ``wait_objective_s``;
-    * **backlog**: the running actions plus the queue worked off within the objective;
+    * **tail**: Erlang C slots for the sized arrival rate (the steady level plus the
+      forecast) times the service time, so that ``wait_quantile`` of actions wait at most
+      ``wait_objective_s``;
+    * **backlog**: the running actions plus the part of the queue a worker asked for now
+      would still find when it joins, to be worked off within the objective;
     * **running**: actions running now (a worker running one is never drained anyway).
 
-    The forecast is the smoothed rate plus its significant upward trend over the start-up
-    time: it may add capacity, never remove it. :class:`ScalingGate` applies the cooldowns.
+    The forecast (a significant upward trend over the start-up time, and while the load
+    rises the arrivals until a worker asked now can join) may add capacity, never remove
+    it. A dead band of ``noise_band`` standard errors around the sized rate keeps noise
+    from reversing the pool; :class:`ScalingGate` applies the cooldowns.
     """
 
     def __init__(self, options: PredictiveOptions, pool: PoolConfig) -> None:
         self.options = options
         self.max_slots = max(pool.max_workers, 1) * pool.slots_per_worker
         self.interval_s = pool.evaluation_interval_s
+        self.up_cooldown_s = pool.scale_up_cooldown_s
         self.predictor = LoadPredictor(options.alpha, options.trend_samples,
                                        options.initial_service_s, options.service_alpha,
                                        options.level_alpha)
-        self.gate = ScalingGate(pool.scale_up_cooldown_s, pool.scale_down_cooldown_s)
+        # Scale-ins go to what the dead band allows, not to the largest size asked for
+        # within the cooldown: the band already keeps noise from shrinking the pool, and
+        # the window would hold every upward wiggle of the estimate as idle workers.
+        self.gate = ScalingGate(pool.scale_up_cooldown_s, pool.scale_down_cooldown_s,
+                                window_s=0.0)
+        #: When the arrival rate was last seen to jump up; None while it has not.
+        self.rising_since: float | None = None
 
     def decide(self, observation: PoolObservation) -> ScalingDecision:
         o, options, predictor = observation, self.options, self.predictor
         predictor.observe(o.now, o.arrivals, o.completions, o.busy_s)
         service_s = predictor.service_s
-        horizon_s = o.startup_s + self.interval_s
-        # Size for the slow, steady level of the arrival rate while the fast estimate
-        # agrees with it within its noise; once the fast one leaves that band the load
-        # has moved, and the sized rate follows it to the edge of the band. The noise of
-        # the sized rate is then the level's, which the scale-in window would otherwise
-        # turn into idle workers (it keeps the largest size asked for over 2 minutes).
+        # The pool is sized for the slow, steady level of the arrival rate. Once the fast
+        # rate leaves the level by more than its noise, the load has moved: the level
+        # restarts at the fast rate (an old level would lag a step for its whole memory).
         fast, level = predictor.rate or 0.0, predictor.level or 0.0
-        fast_spread = 2 * math.sqrt(max(fast, level) / self._memory_s(options.alpha))
-        steady = min(max(level, fast - fast_spread), fast + fast_spread)
-        forecast = predictor.trend() * horizon_s  # >= 0: a forecast only adds capacity
-        rate = steady + forecast
-        tail = erlang_c_slots(rate * service_s, service_s, options.wait_objective_s,
-                              options.wait_quantile, self.max_slots)
-        # What is here now: every running action keeps its slot, and the queue is worked
-        # off within the objective (one slot per queued action when actions take longer).
-        backlog = o.running + o.queued * min(1.0, service_s / options.wait_objective_s)
+        moved = abs(fast - level) > options.change_band * math.sqrt(
+            max(fast, level) / self._memory_s(options.alpha))
+        if moved and fast > level and self.rising_since is None:
+            self.rising_since = o.now - self.interval_s
+        elif self.rising_since is not None and (o.queued == 0 or (fast < level and not moved)):
+            self.rising_since = None
+        if moved:
+            predictor.restart_level(fast)
+            level = fast
+        forecast = predictor.trend() * (o.startup_s + self.interval_s)  # >= 0: only adds
+        rate = level + forecast
+        tail = self._tail(rate, service_s)
+        # The queue: a worker asked for now joins after the start-up time, and it finds
+        # only what the workers serving by then have not worked off (starting ones count
+        # half: on average they join halfway). While the load rises and actions queue,
+        # the arrivals until then count too, at the latest rate, for as long as the rise
+        # has lasted and at least until the pool may grow again (the scale-up cooldown).
+        per_queued = min(1.0, service_s / options.wait_objective_s)
+        serving = (o.ready + o.starting / 2) * o.slots_per_worker / service_s
+        if self.rising_since is not None and o.queued:
+            ahead_s = min(o.startup_s, max(o.now - self.rising_since, self.up_cooldown_s))
+            arriving = max(fast, predictor.last_rate or 0.0)
+            left = max(0.0, o.queued + (arriving - serving) * ahead_s)
+        else:
+            left = max(0.0, o.queued - max(0.0, serving - level) * o.startup_s)
+        backlog = o.running + left * per_queued
+        # A scale-in never leaves the current queue without its slots.
+        held = o.running + o.queued * per_queued
         slots = max(tail, backlog, o.running)
-        wanted = math.ceil(slots / o.slots_per_worker - 1e-9)
+        wanted = self._workers(slots, o)
         need = {tail: "tail", backlog: "backlog"}.get(slots, "running")
-        # The sized rate is still noisy: with nobody waiting, grow only as far as its
-        # lower confidence bound asks, and shrink only as far as its upper bound allows,
-        # so that noise alone never starts a grow-shrink cycle (a queue acts at once).
-        spread = 2 * math.sqrt(rate / self._memory_s(options.level_alpha))
-        if o.queued == 0 and wanted > o.current:
-            bounded = self._workers(max(0.0, rate - spread), service_s, backlog, o)
+        # The sized rate is noisy: grow only as far as its lower confidence bound asks,
+        # and shrink only as far as its upper bound allows, so that noise alone never
+        # starts a grow-shrink cycle (a queue that outlasts a start-up acts at once).
+        noise = options.noise_band * math.sqrt(
+            rate / (self.interval_s * max(predictor.level_samples, 1))
+            + rate / self._memory_s(options.service_alpha))
+        if wanted > o.current:
+            bounded = self._workers(max(self._tail(max(0.0, rate - noise), service_s),
+                                        backlog, o.running), o)
             if bounded < wanted:
                 need, wanted = f"{need} (within noise: {bounded})", max(o.current, bounded)
         elif wanted < o.current:
-            bounded = self._workers(rate + spread, service_s, backlog, o)
+            upper = self._workers(max(self._tail(rate + noise, service_s), o.running), o)
+            floor = self._workers(held, o)
+            bounded = max(upper, floor)
             if bounded > wanted:
-                need, wanted = f"{need} (within noise: {bounded})", min(o.current, bounded)
+                why = "within noise" if upper >= floor else "the queue keeps its slots"
+                need, wanted = f"{need} ({why}: {bounded})", min(o.current, bounded)
+        if predictor.rate is None and wanted < o.current:
+            need, wanted = f"{need} (no arrival rate yet: holding)", o.current
+        rising = ("" if self.rising_since is None
+                  else f", rising for {o.now - self.rising_since:.0f}s")
         reason = (
             f"predictive: {need} needs {wanted} (arrivals {rate:.3g}/s incl. forecast "
-            f"{forecast:+.3g}/s, fast {fast:.3g}/s, level {level:.3g}/s, service "
-            f"{service_s:.3g}s, {o.queued} queued, {o.running} running, p"
-            f"{options.wait_quantile * 100:g} wait objective {options.wait_objective_s:g}s)"
+            f"{forecast:+.3g}/s, fast {fast:.3g}/s{rising}, level {level:.3g}/s, service "
+            f"{service_s:.3g}s, "
+            f"{o.queued} queued, {o.running} running, p{options.wait_quantile * 100:g} "
+            f"wait objective {options.wait_objective_s:g}s)"
         )
         return self.gate.apply(o.now, o.current, wanted, reason)
 
     def _memory_s(self, alpha: float) -> float:
-        """The window whose plain mean is as noisy as an EWMA of per-interval rates."""
+        """The window whose plain mean is as noisy as an EWMA of per-interval figures."""
         return self.interval_s * (2 - alpha) / alpha
 
-    def _workers(self, rate: float, service_s: float, backlog: float,
-                 o: PoolObservation) -> int:
-        tail = erlang_c_slots(rate * service_s, service_s, self.options.wait_objective_s,
+    def _tail(self, rate: float, service_s: float) -> int:
+        return erlang_c_slots(rate * service_s, service_s, self.options.wait_objective_s,
                               self.options.wait_quantile, self.max_slots)
-        return math.ceil(max(tail, backlog, o.running) / o.slots_per_worker - 1e-9)
+
+    @staticmethod
+    def _workers(slots: float, o: PoolObservation) -> int:
+        return math.ceil(slots / o.slots_per_worker - 1e-9)
 
 
 def create_predictive_policy(options: PredictiveOptions, pool: PoolConfig) -> PredictivePolicy:

@@ -19,15 +19,21 @@ class LoadPredictor:
 
     The trend is fitted to the raw per-interval rates, not the smoothed ones (those are
     correlated, which would make any wiggle look significant), and only the part that
-    stands out of the sampling noise counts (slope minus two standard errors): a noisy
-    slope multiplied by a five-minute start-up time would buy workers nobody needs.
+    stands out of the sampling noise counts (slope minus ``trend_significance`` standard
+    errors, three by default): a noisy slope multiplied by a five-minute start-up time
+    would buy workers nobody needs, and at two standard errors a flat load still showed a
+    "trend" a few percent of the time, each one a grow followed by a shrink.
     """
 
     def __init__(self, alpha: float, trend_samples: int, initial_service_s: float,
-                 service_alpha: float | None = None, level_alpha: float | None = None) -> None:
+                 service_alpha: float | None = None, level_alpha: float | None = None,
+                 trend_significance: float = 3.0) -> None:
         self.alpha = alpha
+        self.trend_significance = trend_significance
         self.level_alpha = alpha if level_alpha is None else level_alpha
         self.level: float | None = None
+        #: Samples the level has averaged since it (re)started, up to its memory.
+        self._level_samples = 0
         self.service_alpha = alpha if service_alpha is None else service_alpha
         self.rate: float | None = None
         self._initial_service_s = initial_service_s
@@ -42,6 +48,25 @@ class LoadPredictor:
             return self._initial_service_s
         return self._busy_rate / self._done_rate
 
+    @property
+    def last_rate(self) -> float | None:
+        """The arrival rate of the last interval alone (None before two observations)."""
+        return self._samples[-1][1] if self._samples else None
+
+    @property
+    def level_samples(self) -> float:
+        """How many intervals the steady level is as noisy as the plain mean of: its
+        memory, or fewer since it (re)started."""
+        return min(self._level_samples, (2 - self.level_alpha) / self.level_alpha)
+
+    def restart_level(self, rate: float) -> None:
+        """The load has moved: forget the old steady level and start again at ``rate``
+        (the fast rate, worth about ``1 / alpha`` samples). Until the level's memory
+        has filled again, it is the mean of the samples since, not a slow EWMA still
+        carrying the noise of where it restarted."""
+        self.level = rate
+        self._level_samples = max(1, round(1 / self.alpha))
+
     def _smooth(self, old: float | None, sample: float, alpha: float | None = None) -> float:
         alpha = self.alpha if alpha is None else alpha
         return sample if old is None else alpha * sample + (1 - alpha) * old
@@ -53,7 +78,9 @@ class LoadPredictor:
         elapsed = now - last[0]
         sample = max(0, arrivals - last[1]) / elapsed
         self.rate = self._smooth(self.rate, sample)
-        self.level = self._smooth(self.level, sample, self.level_alpha)
+        self._level_samples += 1
+        self.level = self._smooth(self.level, sample,
+                                  max(self.level_alpha, 1 / self._level_samples))
         self._samples.append((now, sample))
         finished = completions - last[2]
         if finished > 0 or self._done_rate > 0:
@@ -80,7 +107,7 @@ class LoadPredictor:
         interval = (self._samples[-1][0] - self._samples[0][0]) / (n - 1)
         counting = mean_r / interval if interval > 0 else 0.0
         stderr = math.sqrt(max(residual / (n - 2), counting) / sxx)
-        return max(0.0, slope - 2 * stderr)
+        return max(0.0, slope - self.trend_significance * stderr)
 
     def forecast(self, horizon_s: float) -> float:
         """The arrival rate expected ``horizon_s`` from now; never below the current one,
