@@ -38,6 +38,8 @@ __all__ = [
 
 _Key = tuple[DigestFunction, str]
 _LISTED_MISSING = 10
+# Entries up to this size may be written on the event loop (``put(inline=True)``).
+_INLINE_ENTRY = 16 << 10
 
 
 @attrs.frozen
@@ -207,8 +209,11 @@ class ActionCache(Generic[R]):
             return None
         return result
 
-    async def put(self, action_digest: Digest, result: R) -> None:
-        """Store ``result``; raises :class:`MissingBlobsError` if any of its blobs is missing."""
+    async def put(self, action_digest: Digest, result: R, *, inline: bool = False) -> None:
+        """Store ``result``; raises :class:`MissingBlobsError` if any of its blobs is missing.
+
+        ``inline``: write a small entry on the calling thread (a hop to a thread and back
+        costs more than writing a few hundred bytes); a large one still goes to a thread."""
         keys = await self._ready()
         missing = await self._blob_store.find_missing(result.blob_digests())
         if missing:
@@ -216,7 +221,10 @@ class ActionCache(Generic[R]):
         key = _key(action_digest)
         data = _encode_entry(action_digest, result)
         try:
-            await asyncio.to_thread(_store, self._temp_dir, self._path(key), data)
+            if inline and len(data) <= _INLINE_ENTRY:
+                _store(self._temp_dir, self._path(key), data)
+            else:
+                await asyncio.to_thread(_store, self._temp_dir, self._path(key), data)
         except OSError as exc:
             raise self._fail(f"store action {action_digest} in", exc) from exc
         keys.add(key)

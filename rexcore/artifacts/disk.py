@@ -59,6 +59,10 @@ T = TypeVar("T")
 # Bytes gathered before each hop to a thread: big enough that the hop costs little next to
 # hashing and writing, small enough to keep memory per upload bounded.
 _BATCH = 2 << 20
+# Written pieces at least this big that are views of ``bytes`` (immutable, so the caller
+# cannot change them later) are kept by reference until their batch is written: no copy.
+# Smaller or mutable ones are copied, small ones together.
+_BY_REFERENCE = 64 << 10
 _READ_CHUNK = 1 << 20
 # Recency goes to disk (as mtimes) after this many uses or this many seconds.
 _RECENCY_BATCH = 1024
@@ -212,9 +216,14 @@ def _open_and_read(path: str, offset: int, size: int) -> tuple[io.FileIO | None,
     return file, chunk
 
 
-def _write_and_hash(temp: TempFile, hasher: Hasher, data: bytes | memoryview) -> None:
-    hasher.update(data)
-    temp.write(data)
+def _hash_pieces(hasher: Hasher, pieces: list[memoryview | bytearray]) -> None:
+    for piece in pieces:
+        hasher.update(memoryview(piece))
+
+
+def _write_pieces(temp: TempFile, pieces: list[memoryview | bytearray]) -> None:
+    for piece in pieces:
+        temp.write(memoryview(piece))
 
 
 class _DiskBlobWriter(VerifyingWriter):
@@ -223,13 +232,11 @@ class _DiskBlobWriter(VerifyingWriter):
     def __init__(self, digest: Digest, store: DiskBlobStore) -> None:
         super().__init__(digest, store)
         self._temp: TempFile | None = None
-        self._buffer = memoryview(bytearray(min(_BATCH, digest.size)))
-        # Write-behind: while one thread hashes a full batch and another writes it, the
-        # next batch fills the other buffer (made for the second batch), so receiving,
-        # hashing and the copy into the page cache run side by side.
-        self._spare: memoryview | None = None
-        self._filled = 0
-        self._submitted = 0
+        # The next batch. Write-behind: while one thread hashes a full batch and another
+        # writes it, the next one gathers here, so receiving, hashing and the copy into the
+        # page cache run side by side.
+        self._pieces: list[memoryview | bytearray] = []
+        self._gathered = 0
         # The thread calls in progress; a discard waits for them before closing the file.
         self._inflight: list[concurrent.futures.Future[Any]] = []
         # The batch handed to the threads and not yet awaited; a failure surfaces on the
@@ -266,37 +273,36 @@ class _DiskBlobWriter(VerifyingWriter):
 
     async def _consume(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
-        while view:
-            if not self._filled and len(view) >= _BATCH:
-                await self._call(_write_and_hash, self._temp, self._hasher, view)
-                self._submitted += len(view)
-                return
-            take = min(len(view), len(self._buffer) - self._filled)
-            self._buffer[self._filled : self._filled + take] = view[:take]
-            self._filled += take
-            view = view[take:]
-            if self._filled == len(self._buffer):
-                await self._flush()
+        pieces = self._pieces
+        if not pieces and len(view) >= _BATCH:
+            # A batch by itself: hashed and written straight from the caller's buffer,
+            # done when this returns (so the caller may reuse the buffer).
+            pieces.append(view)
+            await self._flush()
+            await self._settle()
+            return
+        if len(view) >= _BY_REFERENCE and type(view.obj) is bytes:
+            pieces.append(view)
+        elif pieces and type(pieces[-1]) is bytearray:
+            pieces[-1] += view
+        else:
+            pieces.append(bytearray(view))
+        self._gathered += len(view)
+        if self._gathered >= _BATCH:
+            await self._flush()
 
     async def _flush(self) -> None:
-        """Hand the filled buffer to the threads without waiting; fill the other meanwhile."""
-        if not self._filled:
+        """Hand the gathered batch to the threads without waiting for it."""
+        if not self._pieces:
             return
-        await self._settle()  # the spare buffer is free once its batch is done
+        await self._settle()
         assert self._temp is not None
-        batch = self._buffer[: self._filled]
+        batch, self._pieces, self._gathered = self._pieces, [], 0
         executor = self._store._executor
         self._inflight = self._behind = [
-            executor.submit(self._hasher.update, batch),
-            executor.submit(self._temp.write, batch),
+            executor.submit(_hash_pieces, self._hasher, batch),
+            executor.submit(_write_pieces, self._temp, batch),
         ]
-        self._submitted += len(batch)
-        spare = self._spare
-        if spare is None and self._submitted < self.digest.size:
-            spare = memoryview(bytearray(len(self._buffer)))
-        if spare is not None:
-            self._buffer, self._spare = spare, self._buffer
-        self._filled = 0
 
     async def _seal(self) -> str:
         await self._flush()
@@ -664,10 +670,16 @@ class DiskBlobStore(IndexedBlobStore):
         publish), where the streaming writer takes three."""
         await self.put_many({digest: data})
 
-    async def put_many(self, blobs: Mapping[Digest, bytes | memoryview]) -> None:
+    async def put_many(
+        self, blobs: Mapping[Digest, bytes | memoryview], *, inline: bool = False
+    ) -> None:
         """Store several in-memory blobs; all the small ones in one thread hop. Raises
         the first failure (:class:`DigestMismatchError`, :class:`StoreFullError`...);
-        the blobs that were fine are stored all the same."""
+        the blobs that were fine are stored all the same.
+
+        ``inline``: write the small ones on the calling thread instead, for a caller with
+        a few tiny blobs at hand (an execute request's Action and Command), where the hop
+        to a thread and back costs more than the writes."""
         small = {
             d: data for d, data in blobs.items() if len(data) == d.size and 0 < d.size <= _SMALL_PUT
         }
@@ -687,9 +699,12 @@ class DiskBlobStore(IndexedBlobStore):
                 if dropping is not None:  # an eviction of this very blob is deleting it
                     await asyncio.wait([dropping])
             jobs = [(self._path(d), d, data, self._stamp()) for d, data in small.items()]
-            outcomes = await self._run(
-                _put_small_many, self._temp_dir, jobs, self._fsync, self._file_mode
-            )
+            if inline:
+                outcomes = _put_small_many(self._temp_dir, jobs, self._fsync, self._file_mode)
+            else:
+                outcomes = await self._run(
+                    _put_small_many, self._temp_dir, jobs, self._fsync, self._file_mode
+                )
         finally:
             for digest in reserved:
                 self._index.release(digest)

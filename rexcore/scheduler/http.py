@@ -35,6 +35,7 @@ import attrs
 from aiohttp import web
 
 from rexcore.artifacts.digest import Digest, InvalidDigestError, digest_of, parse_digest
+from rexcore.artifacts.disk import DiskBlobStore
 from rexcore.artifacts.store import BlobStore, DigestMismatchError, StoreFullError
 from rexcore.monitoring.status import pool_status
 from rexcore.protocol.http_server import _ApiError, _json_object  # the API's own error shape
@@ -61,6 +62,9 @@ _HTTP_STATUS = {"invalid_argument": 400, "unavailable": 503}
 # Inline blobs up to this many bytes in all are hashed on the event loop (microseconds),
 # so they can be stored while the submission commits; more are stored first.
 _VERIFIED_HERE = 64 << 10
+# Inline blobs up to this many bytes in all are also written to a disk store on the event
+# loop: creating a file or two costs less than the hop to the store's thread and back.
+_WRITTEN_HERE = 16 << 10
 
 
 def add_scheduler_routes(app: web.Application, scheduler: Scheduler) -> None:
@@ -152,7 +156,14 @@ class _SchedulerApi:
         store = self._scheduler.runtime.blob_store
         stored: asyncio.Future[None] | None = None
         try:
-            if sum(map(len, blobs.values())) <= _VERIFIED_HERE:
+            total = sum(map(len, blobs.values()))
+            if total <= _WRITTEN_HERE and isinstance(store, DiskBlobStore):
+                # A few hundred bytes (an Action and its Command): verified and written
+                # right here, which costs less than a hop to a thread and back.
+                _verify(blobs)
+                if blobs:
+                    await _put_missing(store, blobs, inline=True)
+            elif total <= _VERIFIED_HERE:
                 # Checked right here, so storing them can go on beside the submission's
                 # own commit (the scheduler queues the action once both are done).
                 _verify(blobs)
@@ -285,11 +296,17 @@ def _verify(blobs: dict[Digest, bytes]) -> None:
             raise DigestMismatchError(digest, actual.hash, len(data))
 
 
-async def _put_missing(store: BlobStore, blobs: dict[Digest, bytes]) -> None:
+async def _put_missing(
+    store: BlobStore, blobs: dict[Digest, bytes], *, inline: bool = False
+) -> None:
     """Put the blobs the store lacks, verified, all at once (in one go where the store
-    can: the disk store writes small blobs in a single thread hop)."""
+    can: the disk store writes small blobs in a single thread hop, or, ``inline``, on
+    this thread)."""
     missing = await store.find_missing(blobs)
     if not missing:
+        return
+    if inline and isinstance(store, DiskBlobStore):
+        await store.put_many({digest: blobs[digest] for digest in missing}, inline=True)
         return
     put_many = getattr(store, "put_many", None)
     if put_many is not None:

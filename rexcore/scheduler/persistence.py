@@ -1,7 +1,8 @@
 """The coordinator's state in SQLite: ``<data_dir>/scheduler.sqlite3`` (WAL).
 
 One row per operation. The event loop never touches SQLite: every statement runs on one
-writer thread. Writes use *group commit* (DESIGN.md section 8): writes that arrive while a
+writer thread. Writes use *group commit* (DESIGN.md section 8): the rows saved during one
+turn of the event loop go to the thread together (one wake-up), writes that arrive while a
 transaction is running queue up, the thread runs all of them in the next transaction, and
 each caller's future resolves only once that transaction has committed. Under load, many
 concurrent submissions share one transaction; alone, a write costs one transaction.
@@ -127,7 +128,7 @@ def _from_row(row: Sequence[Any]) -> StoredOperation:
 
 
 class _Job:
-    __slots__ = ("call", "future", "rows")
+    __slots__ = ("call", "future", "requests", "rows")
 
     def __init__(
         self,
@@ -136,6 +137,8 @@ class _Job:
         call: Callable[[sqlite3.Connection], Any] | None = None,
     ) -> None:
         self.future, self.rows, self.call = future, rows, call
+        #: The ``save`` calls whose rows this job carries.
+        self.requests = 0
 
 
 class SchedulerDatabase:
@@ -150,6 +153,8 @@ class SchedulerDatabase:
         self.transactions = 0
         self.writes = 0
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        #: Rows saved in this turn of the event loop, not handed to the thread yet.
+        self._batch: _Job | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -170,9 +175,10 @@ class SchedulerDatabase:
 
     async def close(self) -> None:
         """Finish every queued write, then close the database."""
-        thread, self._thread = self._thread, None
-        if thread is None:
+        if self._thread is None:
             return
+        self._send_batch()
+        thread, self._thread = self._thread, None
         self._jobs.put(None)
         await asyncio.to_thread(thread.join)
 
@@ -180,12 +186,34 @@ class SchedulerDatabase:
 
     def save(self, rows: Iterable[tuple[Any, ...]]) -> asyncio.Future[None]:
         """Queue rows (from :func:`operation_row`) for the next transaction; the future
-        resolves once that transaction has committed."""
-        return self._submit(_Job(self._future(), rows=list(rows)))
+        resolves once that transaction has committed.
+
+        Rows saved during one turn of the event loop travel to the thread together, at
+        the end of that turn: one wake-up of the thread (and one answer back) for all of
+        them, rather than one per caller."""
+        if self._batch is None:
+            self._batch = _Job(self._future(), rows=[])
+            assert self._loop is not None
+            self._loop.call_soon(self._send_batch)
+        self._batch.rows.extend(rows)  # type: ignore[union-attr]
+        self._batch.requests += 1
+        return self._batch.future
 
     def call(self, function: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run ``function(connection)`` on the database thread, after queued writes."""
+        self._send_batch()
         return self._submit(_Job(self._future(), call=function))
+
+    @property
+    def batch_open(self) -> bool:
+        """Whether rows saved in this turn of the event loop still wait to go to the
+        thread (a row saved now joins their transaction)."""
+        return self._batch is not None
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            self._submit(batch)
 
     async def get(self, name: str) -> StoredOperation | None:
         return await self.call(lambda db: _load_one(db, name))
@@ -251,7 +279,7 @@ class SchedulerDatabase:
             )
             return [(job.future, None, error) for job in jobs]
         self.transactions += 1
-        self.writes += len(jobs)
+        self.writes += sum(job.requests for job in jobs)
         return [(job.future, None, None) for job in jobs]
 
     def _call(self, job: _Job, db: sqlite3.Connection) -> tuple[Any, Any, Any]:

@@ -689,7 +689,8 @@ class Scheduler:
 
     async def _cache_result(self, worker_id: str, digest: Digest, result: ActionResult) -> None:
         try:
-            await self.runtime.action_cache.put(digest, result)
+            # A small entry is written right on the loop: cheaper than a thread hop.
+            await self.runtime.action_cache.put(digest, result, inline=True)
         except MissingBlobsError as exc:
             log.warning("worker %s: %s", worker_id, exc)
         except StorageError as exc:
@@ -937,8 +938,13 @@ class Scheduler:
     def _save_later(self, execution: _Execution) -> None:
         """Write the execution's rows as they are now, without waiting: in the next turn
         of the loop, after the callbacks already due (a worker call woken with this very
-        work is answered first), together with other such rows."""
+        work is answered first), together with other such rows. When rows saved in this
+        turn still wait to go to the database (a submission handed to a held worker at
+        once), they join those: one transaction for both."""
         self._unsaved.extend(self._row(op, execution) for op in execution.operations)
+        if self.database.batch_open:
+            self._flush_unsaved()
+            return
         if not self._unsaved_flush:
             self._unsaved_flush = True
             asyncio.get_running_loop().call_later(0, self._flush_unsaved)
@@ -1192,7 +1198,9 @@ def _is_current(entry: tuple[int, int, int, _Execution]) -> bool:
     return execution.state == "queued" and execution.queue_version == entry[2]
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_loopback(remote: str) -> bool:
+    """Whether ``remote`` is a loopback address (remembered: every worker call asks)."""
     try:
         return ipaddress.ip_address(remote.split("%", 1)[0]).is_loopback
     except ValueError:
