@@ -6,9 +6,13 @@
 One client (grpcio, rex-reapi's generated stubs, which use the spec's package names, so
 they talk to BuildGrid as well) measures each server in turn, interleaved run by run:
 
-- ``bytestream_write_MBps``: ByteStream Write of a fresh 64 MiB random blob in 1 MiB
-  messages, as Bazel sends them (SHA-256, the server verifies the digest);
+- ``bytestream_write_MBps``: ByteStream Write of a fresh 64 MiB random blob (the same
+  one to both servers in a run) in 1 MiB messages, as Bazel sends them (SHA-256, the
+  server verifies the digest);
 - ``bytestream_read_MBps``: ByteStream Read of that blob (MB = 10^6 bytes);
+- ``bytestream_write_cpu_ms`` / ``bytestream_read_cpu_ms``: CPU time the server process
+  (all its threads) spent on that Write / Read, from ``/proc`` (Linux only): the cost
+  behind the throughput, which other load on a shared machine sways less;
 - ``find_missing_10k_ms``: FindMissingBlobs of 10,000 digests, half of them present;
 - ``get_action_result_p50_us`` / ``_p99_us``: ~1,000 sequential GetActionResult calls
   for a cached ActionResult with two output files and a stdout digest.
@@ -161,6 +165,16 @@ class Client:
         return times
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads) of process ``pid`` so far; None off Linux."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
@@ -169,8 +183,9 @@ def _percentile(values: list[float], share: float) -> float:
 class Subject:
     """One server under test and the figures gathered from it, run by run."""
 
-    def __init__(self, name: str, address: str, find_count: int) -> None:
+    def __init__(self, name: str, address: str, find_count: int, pid: int) -> None:
         self.name = name
+        self.pid = pid
         self.client = Client(address)
         self.figures: dict[str, list[float]] = {}
         # Half of the FindMissingBlobs digests are present, interleaved with the absent.
@@ -190,10 +205,16 @@ class Subject:
     def note(self, figure: str, value: float) -> None:
         self.figures.setdefault(figure, []).append(value)
 
-    def run(self, size: int, find_calls: int, ac_calls: int) -> None:
-        data = os.urandom(size)
+    def run(self, data: bytes, find_calls: int, ac_calls: int) -> None:
+        size = len(data)
+        before = _cpu_seconds(self.pid)
         self.note("bytestream_write_MBps", size / self.client.write(data) / 1e6)
+        written = _cpu_seconds(self.pid)
         self.note("bytestream_read_MBps", size / self.client.read(data) / 1e6)
+        read = _cpu_seconds(self.pid)
+        if before is not None and written is not None and read is not None:
+            self.note("bytestream_write_cpu_ms", (written - before) * 1e3)
+            self.note("bytestream_read_cpu_ms", (read - written) * 1e3)
         finds = [self.client.find_missing(self.find_digests, self.find_absent)
                  for _ in range(find_calls)]
         self.note("find_missing_10k_ms", statistics.median(finds) * 1e3)
@@ -206,6 +227,8 @@ class Subject:
         out: dict[str, Any] = {}
         for figure, values in self.figures.items():
             digits = 1 if figure.endswith(("MBps", "_us")) else 2
+            if figure.endswith("_cpu_ms"):
+                digits = 0
             out[figure] = round(statistics.median(values), digits)
             out[f"{figure}_spread"] = [round(min(values), digits), round(max(values), digits)]
         return out
@@ -225,7 +248,9 @@ def main() -> None:
     parser.add_argument("--ac-calls", type=int, default=1000)
     parser.add_argument("--dir", type=Path, default=None,
                         help="where both servers keep their data (default: a temp dir)")
-    parser.add_argument("--buildgrid-version", default=VERSION)
+    parser.add_argument("--buildgrid-version", default=VERSION,
+                        help="BuildGrid from PyPI, installed on first use into "
+                             ".bench/buildgrid-venv (python3.11 -m venv; needs python3.11)")
     parser.add_argument("--skip-buildgrid", action="store_true")
     args = parser.parse_args()
     tune_malloc_for_streaming()  # as the rex CLI does; the client costs both servers less
@@ -237,20 +262,23 @@ def main() -> None:
                                    "--log-level", "warning", protocol="reapi")
         rex_address = rex_url.removeprefix("grpc://")
         processes.append(lambda: stop_rexd(rexd))
-        subjects = [Subject("rex", rex_address, args.find_count)]
+        subjects = [Subject("rex", rex_address, args.find_count, rexd.pid)]
         if not args.skip_buildgrid:
             bgd, bgd_address = start_buildgrid(work / "buildgrid", args.buildgrid_version)
             processes.append(lambda: stop_buildgrid(bgd))
-            subjects.append(Subject("buildgrid", bgd_address, args.find_count))
+            subjects.append(Subject("buildgrid", bgd_address, args.find_count, bgd.pid))
+        warm_up = os.urandom(4 << 20)
         for subject in subjects:  # warm-up: connections, page cache, first-call paths
-            subject.run(4 << 20, 1, 100)
+            subject.run(warm_up, 1, 100)
             subject.figures.clear()
-        size = args.size_mib << 20
         load_before = round(os.getloadavg()[0], 2)
         for run in range(args.runs):
-            # Alternate who goes first so drifting load on the shared machine evens out.
+            # The same fresh blob for both servers; alternate who goes first so drifting
+            # load on the shared machine evens out.
+            data = os.urandom(args.size_mib << 20)
             for subject in subjects if run % 2 == 0 else subjects[::-1]:
-                subject.run(size, args.find_calls, args.ac_calls)
+                subject.run(data, args.find_calls, args.ac_calls)
+            del data
         result: dict[str, Any] = {
             "runs": args.runs,
             "load_average_1m": [load_before, round(os.getloadavg()[0], 2)],
@@ -272,6 +300,10 @@ def main() -> None:
                 "get_action_result_p99_buildgrid_over_rex": _ratio(
                     bgd_figures["get_action_result_p99_us"], rex["get_action_result_p99_us"]),
             }
+            for figure in ("bytestream_write_cpu_ms", "bytestream_read_cpu_ms"):
+                if figure in rex and figure in bgd_figures:  # Linux only
+                    ratios[f"{figure.removesuffix('_ms')}_buildgrid_over_rex"] = _ratio(
+                        bgd_figures[figure], rex[figure])
             # The same ratios run by run (each pair measured back to back): [min, max].
             rex_runs, bgd_runs = subjects[0].figures, subjects[1].figures
             for name, figure, rex_over in (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -17,12 +18,14 @@ from rex_reapi.backend import ReapiBackend, streaming, unary
 from rex_reapi.convert import get_many, invalid
 from rex_reapi.digests import function_value, to_proto, to_rex
 from rex_reapi.errors import ReapiError, missing_blobs_error, rpc_status
+from rex_reapi.local_reads import open_blob_file, stream_blob_file
 from rex_reapi.proto import bytestream_pb2 as bs_pb2
 from rex_reapi.proto import bytestream_pb2_grpc as bs_grpc
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
 from rex_reapi.proto import remote_execution_pb2_grpc as re_grpc
 from rex_reapi.proto import semver_pb2
 from rex_reapi.resource_names import parse_read_name, parse_write_name
+from rex_reapi.wire import MalformedMessageError, WriteChunk, encode_read_response
 from rexcore.artifacts.chunk_store import splice_chunks, split_stored_blob
 from rexcore.artifacts.digest import Digest
 from rexcore.artifacts.manifest import (
@@ -305,44 +308,31 @@ SMALL_UPLOAD = 1 << 20
 
 
 class _BufferedWriter:
-    """A BlobWriter for small blobs: the bytes wait in memory until ``commit`` stores them."""
+    """A BlobWriter for small blobs: the bytes wait in memory until ``commit`` stores them.
+    Views of ``bytes`` (the Write handler's payloads) are kept as they are, not copied: a
+    blob sent in one message is stored straight from the message."""
 
     def __init__(self, store: BlobStore, digest: Digest) -> None:
         self.digest = digest
         self._store = store
-        self._data = bytearray()
+        self._pieces: list[bytes | memoryview] = []
 
     async def write(self, data: bytes | memoryview) -> None:
-        self._data += data
+        view = memoryview(data)
+        self._pieces.append(view if type(view.obj) is bytes else bytes(view))
 
     async def commit(self) -> None:
-        await self._store.put(self.digest, bytes(self._data))
+        pieces = self._pieces
+        await self._store.put(self.digest, pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     async def abort(self) -> None:
-        self._data.clear()
+        self._pieces.clear()
 
 
 def _open_writer(store: BlobStore, digest: Digest) -> BlobWriter:
     if digest.size <= SMALL_UPLOAD:
         return _BufferedWriter(store, digest)  # type: ignore[return-value]
     return store.open_write(digest)
-
-
-#: ReadResponse.data is field 10, length-delimited: tag byte (10 << 3) | 2.
-_READ_DATA_TAG = b"\x52"
-
-
-def encode_read_response(data: bytes | memoryview) -> bytes:
-    """A serialized ``ReadResponse(data=data)``, built directly: one copy of the chunk
-    instead of one into a message object and another out of it. ByteStream.Read is
-    registered with an identity serializer for these (see ``server.py``)."""
-    size = len(data)
-    header = bytearray(_READ_DATA_TAG)
-    while size > 0x7F:
-        header.append((size & 0x7F) | 0x80)
-        size >>= 7
-    header.append(size)
-    return b"".join((header, data))
 
 
 @attrs.define(eq=False)
@@ -365,6 +355,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         self.backend = backend
         self._uploads: dict[str, _Upload] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        #: Reads of local blob files (``local_reads``).
+        self._readers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="rex-reapi-read")
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -373,6 +366,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             with contextlib.suppress(Exception):
                 await upload.writer.abort()
         self._uploads.clear()
+        await asyncio.to_thread(self._readers.shutdown)
 
     async def _sweep(self) -> None:
         while True:
@@ -400,10 +394,21 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                              f"read_limit {request.read_limit} is negative")
         if name.compressor != "identity" and request.read_limit:
             raise invalid("read_limit must be 0 when reading compressed-blobs/")
-        limit = request.read_limit or None
+        offset, limit = request.read_offset, request.read_limit or None
         chunk = backend.options.read_chunk_size
+        store = backend.store
+        if name.compressor == "identity":
+            # A blob in a local file (the disk store) goes out straight from the file.
+            fd = await open_blob_file(store, digest, self._readers)
+            if fd is not None:
+                end = digest.size if limit is None else min(digest.size, offset + limit)
+                async with contextlib.aclosing(stream_blob_file(
+                        fd, digest, offset, end, chunk, self._readers)) as messages:
+                    async for message in messages:
+                        yield message
+                return
         try:
-            stream = backend.store.read(digest, request.read_offset, limit)
+            stream = store.read(digest, offset, limit)
             if name.compressor == "zstd":
                 compressor = zstandard.ZstdCompressor(level=1).compressobj()
                 async for data in stream:
@@ -420,7 +425,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             raise ReapiError(grpc.StatusCode.NOT_FOUND, f"blob {digest} is not in the CAS") from None
 
     @unary
-    async def Write(self, request_iterator: AsyncIterator[bs_pb2.WriteRequest],
+    async def Write(self, request_iterator: AsyncIterator[WriteChunk | MalformedMessageError],
                     context: grpc.aio.ServicerContext) -> bs_pb2.WriteResponse:
         backend = self.backend
         if self._sweeper is None:
@@ -429,6 +434,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         upload: _Upload | None = None
         try:
             async for request in request_iterator:
+                if isinstance(request, MalformedMessageError):
+                    raise invalid(f"a WriteRequest is not a valid message ({request})"
+                                  + (f" in the Write to {resource}" if resource else ""))
                 if upload is None:
                     resource = request.resource_name
                     if not resource:
@@ -465,14 +473,14 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         raise invalid(f"the Write to {resource} ended without finish_write after "
                       f"{upload.received} bytes; resume it with write_offset={upload.received}")
 
-    async def _receive(self, upload: _Upload, request: bs_pb2.WriteRequest, resource: str) -> bool:
+    async def _receive(self, upload: _Upload, request: WriteChunk, resource: str) -> bool:
         """Take one message; True once the blob is verified and stored."""
         upload.last_used = time.monotonic()
         if request.write_offset != upload.received:
             raise invalid(f"write_offset {request.write_offset} does not continue the upload of "
                           f"{resource}, which holds {upload.received} bytes; ask "
                           "QueryWriteStatus where to resume")
-        data = request.data
+        data: bytes | memoryview = request.data
         received = upload.received + len(data)
         if upload.decompressor is not None:
             try:

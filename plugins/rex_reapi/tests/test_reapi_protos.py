@@ -40,8 +40,8 @@ def test_our_messages_keep_the_spec_field_numbers() -> None:
 
 
 def test_read_responses_built_by_hand_are_what_protobuf_would_send() -> None:
-    from rex_reapi.cas import encode_read_response
     from rex_reapi.proto import bytestream_pb2
+    from rex_reapi.wire import encode_read_response
 
     for size in (1, 127, 128, 300, 16_383, 16_384, (1 << 20) + 5):
         data = bytes(range(256)) * (size // 256) + bytes(size % 256)
