@@ -123,6 +123,72 @@ async def test_stdout_and_stderr_are_captured_including_megabytes(sandbox, exec_
     assert out(exec_root, "stderr") == b"oops\n" + b"\0" * 3_000_000
 
 
+async def test_actions_start_with_default_signal_dispositions(sandbox, exec_root):
+    # Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across exec:
+    # `yes | head -1` must end by SIGPIPE, not loop on EPIPE.
+    script = "grep -E '^Sig(Ign|Blk)' /proc/self/status; yes | head -1"
+    result = await sandbox.run(request(exec_root, "/bin/sh", "-c", script, timeout_s=30))
+    assert result.exit_code == 0 and not result.timed_out
+    if sys.platform.startswith("linux"):
+        fields = dict(line.split(":\t") for line in out(exec_root).decode().splitlines()[:2])
+        pipe, xfsz = 1 << (13 - 1), 1 << (25 - 1)  # bits of SIGPIPE and SIGXFSZ
+        assert int(fields["SigIgn"], 16) & (pipe | xfsz) == 0
+        assert int(fields["SigBlk"], 16) == 0
+
+
+@linux_only
+async def test_the_resident_spawner_starts_actions_as_children_of_the_worker(exec_root):
+    sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=False, user="self"))
+    if sandbox._helper is None:
+        pytest.skip("no C compiler to build the rex-spawn helper")
+    try:
+        script = "echo $PPID; cut -d' ' -f4 /proc/$PPID/stat"  # the helper, its parent
+        result = await sandbox.run(request(exec_root, "/bin/sh", "-c", script,
+                                           env={"PATH": "/usr/bin:/bin"}))
+        assert result.exit_code == 0
+        spawner = sandbox._spawner
+        assert spawner is not None and spawner.pid > 0
+        helper, helpers_parent = (int(word) for word in out(exec_root).split())
+        assert helpers_parent == os.getpid()  # CLONE_PARENT: the worker's own child
+        assert helper != spawner.pid
+        # A spawner that died is replaced; the action runs all the same.
+        os.kill(spawner.pid, 9)
+        os.waitpid(spawner.pid, 0)  # noqa: ASYNC222 (SIGKILLed: returns at once)
+        spawner.pid = 0
+        result = await sandbox.run(request(exec_root, "/bin/echo", "again"))
+        assert result.exit_code == 0 and out(exec_root) == b"again\n"
+        result = await sandbox.run(request(exec_root, "/bin/echo", "and again"))
+        assert out(exec_root) == b"and again\n"
+        assert sandbox._spawner is not None and sandbox._spawner is not spawner
+    finally:
+        await sandbox.close()
+    assert sandbox._spawner is None
+
+
+@linux_only
+async def test_a_prebuilt_helper_without_a_spawner_mode_still_runs_actions(exec_root, tmp_path):
+    sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=False, user="self"))
+    if sandbox._helper is None:
+        pytest.skip("no C compiler to build the rex-spawn helper")
+    # An older helper: refuses -S as an unknown option.
+    old = tmp_path / "old-rex-spawn"
+    old.write_text(f"#!/bin/sh\ncase \"$1\" in -S*) exit 125;; esac\nexec {sandbox._helper} \"$@\"\n")
+    old.chmod(0o755)
+    sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=False, user="self",
+                                                   spawn_helper=str(old)))
+    for _ in range(4):  # gives up on the spawner after a few tries
+        result = await sandbox.run(request(exec_root, "/bin/echo", "hi"))
+        assert result.exit_code == 0 and out(exec_root) == b"hi\n"
+    assert sandbox._spawner is None and sandbox._spawner_starts == 0
+    await sandbox.close()
+
+
+async def test_an_environment_name_with_an_equals_sign_cannot_execute(sandbox, exec_root):
+    result = await sandbox.run(request(exec_root, "/bin/true", env={"A=B": "1"}))
+    assert result.exit_code == 126
+    assert "cannot execute" in result.message
+
+
 @pytest.mark.parametrize(("script", "code"), [
     ("exit 0", 0), ("exit 3", 3), ("exit 255", 255),
     ("kill -TERM $$", 143), ("kill -KILL $$", 137), ("kill -SEGV $$", 139),

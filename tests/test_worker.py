@@ -201,6 +201,24 @@ async def test_missing_blobs_are_fetched_and_directories_parsed_once(tmp_path, s
     staged.release()
 
 
+async def test_an_empty_input_tree_seen_before_is_one_directory_plus_those_asked_for(
+        tmp_path, store):
+    blobs: dict[Digest, bytes] = {}
+    root = blob_tree({}, blobs)
+    fetch = RemoteFetch(store, dict(blobs))
+    stager = InputStager(store, fetch)
+    for name in ("first", "second"):  # parsed the first time; known empty the second
+        (tmp_path / "link-target").mkdir(exist_ok=True)
+        staged = await stager.stage(root, tmp_path / name, also_create=["work", "work/out"])
+        assert sorted(p.name for p in (tmp_path / name).rglob("*")) == ["out", "work"]
+        assert staged.files == 0 and staged.digests == []
+        staged.release()
+        assert store.stats().pinned == 0
+    assert len(fetch.fetched) == 1
+    with pytest.raises(InputError, match="cannot stage inputs"):
+        await stager.stage(root, tmp_path / "second")  # exists already
+
+
 async def test_a_blob_missing_everywhere_is_a_permanent_error(tmp_path, store):
     blobs: dict[Digest, bytes] = {}
     root = blob_tree({"a": b"lost"}, blobs)
@@ -264,6 +282,28 @@ async def test_output_files_and_nested_directories_become_blobs_and_a_tree(tmp_p
     assert await store.find_missing(collected.digests) == []
     assert set(uploaded) == set(collected.digests)
     assert "gone" not in files  # a missing output is simply absent
+
+
+async def test_empty_streams_are_the_empty_blob_without_reading_or_chmodding_them(
+        tmp_path, store):
+    root = tmp_path / "root"
+    root.mkdir()
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    for path in (stdout, stderr):
+        path.write_bytes(b"")
+        path.chmod(0o600)
+    collected = await collect_outputs(root, command(), store, None,
+                                      stdout_path=stdout, stderr_path=stderr)
+    empty = collected.stdout_digest
+    assert empty is not None and empty.is_empty and collected.stderr_digest == empty
+    assert stat.S_IMODE(stdout.stat().st_mode) == 0o600  # left as it was, to be reused
+    # One that is not empty is hashed and stored as usual, the empty one still not read.
+    stdout.write_bytes(b"said it\n")
+    collected = await collect_outputs(root, command(), store, None,
+                                      stdout_path=stdout, stderr_path=stderr)
+    assert collected.stdout_digest == digest_of(b"said it\n")
+    assert await store.get(collected.stdout_digest) == b"said it\n"
+    assert collected.stderr_digest is not None and collected.stderr_digest.is_empty
 
 
 async def test_a_symlink_to_a_secret_is_an_output_symlink_never_read(tmp_path, store):

@@ -2,11 +2,13 @@
  * rex-spawn: the exec helper of rex's "process" sandbox (rexcore/sandbox/process.py).
  *
  * The worker starts it with vfork+exec (no fork of the whole Python process, no Python
- * code between fork and exec), so an action costs one small extra exec. It prepares
+ * code between fork and exec), so an action costs one small extra exec; or, on Linux,
+ * a resident copy (-S) forks it for each action, which costs less still. It prepares
  * what Python would otherwise have to do in a forked child, then runs the command as
  * its child and waits for it:
  *
  *   rex-spawn -r<fd> [-c<dir>] [-s] [-l<resource>:<soft>:<hard>]... [-u<uid>:<gid>] -- argv...
+ *   rex-spawn -S<fd>
  *
  *   -r  report fd: "setup <errno> <what>", "exec <errno>" and finally
  *       "done <wait status> <user us> <system us> <max rss> <left>" lines go there
@@ -19,10 +21,24 @@
  *   -l  setrlimit (only ever lowering)
  *   -u  drop to this user (setgroups, setgid, setuid), needs root
  *
+ *   -S  (Linux) serve: stay resident and start each action by forking, which costs far
+ *       less than an exec of this helper. Per action the worker sends one message on the
+ *       SOCK_SEQPACKET socket at this fd with five descriptors: a memfd holding the
+ *       action's environment ("NAME=value" strings, each NUL-terminated), an empty
+ *       string, then the options and argv above (-r3 ... -- argv...), and stdin, stdout,
+ *       stderr and the report pipe. The fork is made with CLONE_PARENT, so the action's
+ *       process is the worker's own child (the worker waits for it and owns its pid until
+ *       it reaps it); it starts a session of its own, moves the descriptors to 0-3 and
+ *       goes on as if started with those options. The reply is the child's pid (int32),
+ *       or -errno; the first message sent is 0, once ready. End of file on the socket
+ *       ends the spawner; so does the worker's death (PR_SET_PDEATHSIG).
+ *
  * The usage reported is RUSAGE_CHILDREN once the command is reaped: the command and the
  * descendants that were waited for, not the worker whose memory the helper was forked
  * from. SIGTERM is ignored here (the worker signals the whole tree; this process stays to
- * report how the command ended); SIGKILL is not.
+ * report how the command ended); SIGKILL is not. The command starts with the default
+ * disposition of SIGPIPE and SIGXFSZ (which Python ignores, and ignoring survives exec)
+ * and no signal blocked.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,8 +54,15 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #ifdef __linux__
+#include <sched.h>
+#include <stdint.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #endif
+
+extern char **environ;
 
 static int report_fd = -1;
 
@@ -54,6 +77,119 @@ static long long micros(struct timeval t) {
     return (long long)t.tv_sec * 1000000LL + t.tv_usec;
 }
 
+#ifdef __linux__
+enum { SERVE_FDS = 5 };  /* arguments, stdin, stdout, stderr, report */
+
+/* The environment and argv of one action from its memfd (see -S); argv[0] is this
+ * program's name, so option parsing goes on as for a command line. */
+static char **read_request(int fd, int *argc) {
+    struct stat info;
+    if (fstat(fd, &info) != 0 || info.st_size <= 0)
+        setup_failed("reading the request", errno ? errno : EINVAL);
+    size_t size = (size_t)info.st_size;
+    char *text = malloc(size + 1);
+    if (text == NULL)
+        setup_failed("reading the request", ENOMEM);
+    size_t done = 0;
+    while (done < size) {
+        ssize_t n = pread(fd, text + done, size - done, (off_t)done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            setup_failed("reading the request", n < 0 ? errno : EIO);
+        done += (size_t)n;
+    }
+    close(fd);
+    if (text[size - 1] != '\0')
+        setup_failed("malformed request", EINVAL);
+    text[size] = '\0';
+    size_t strings = 0;
+    for (size_t k = 0; k < size; k++)
+        strings += text[k] == '\0';
+    char **vector = calloc(strings + 3, sizeof(char *));
+    if (vector == NULL)
+        setup_failed("reading the request", ENOMEM);
+    size_t k = 0, n = 0;
+    for (; k < size && text[k] != '\0'; k += strlen(text + k) + 1)
+        vector[n++] = text + k;  /* the environment, up to the empty string */
+    if (k >= size)
+        setup_failed("malformed request", EINVAL);
+    vector[n++] = NULL;
+    environ = vector;
+    char **args = vector + n;
+    args[0] = "rex-spawn";
+    int count = 1;
+    for (k++; k < size; k += strlen(text + k) + 1)
+        args[count++] = text + k;
+    args[count] = NULL;
+    *argc = count;
+    return args;
+}
+
+/* The spawner's loop; returns only in a forked child, with that action's argv. */
+static char **serve(int sock, int *argc) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    int32_t ready = 0;
+    if (send(sock, &ready, sizeof ready, MSG_NOSIGNAL) != sizeof ready)
+        _exit(1);
+    for (;;) {
+        char byte;
+        union { struct cmsghdr header; char space[CMSG_SPACE(sizeof(int) * SERVE_FDS)]; } control;
+        struct iovec iov = {&byte, 1};
+        struct msghdr msg = {0};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.space;
+        msg.msg_controllen = sizeof control.space;
+        ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            _exit(0);
+        int fds[SERVE_FDS];
+        int received = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c))
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                for (int k = 0; k < count; k++) {
+                    int fd;
+                    memcpy(&fd, CMSG_DATA(c) + k * sizeof(int), sizeof fd);
+                    if (received < SERVE_FDS)
+                        fds[received++] = fd;
+                    else
+                        close(fd);
+                }
+            }
+        int32_t reply = -EINVAL;
+        if (received == SERVE_FDS && !(msg.msg_flags & MSG_CTRUNC)) {
+            long pid = syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, 0, 0, 0);
+            if (pid == 0) {
+                close(sock);
+                /* Moved high first, so that no dup2 below overwrites one still to move. */
+                for (int k = 0; k < SERVE_FDS; k++)
+                    if ((fds[k] = fcntl(fds[k], F_DUPFD_CLOEXEC, 64)) < 0)
+                        _exit(125);
+                if (dup2(fds[4], 3) != 3)
+                    _exit(125);
+                report_fd = 3;
+                if (dup2(fds[1], 0) != 0 || dup2(fds[2], 1) != 1 || dup2(fds[3], 2) != 2)
+                    setup_failed("passing descriptors on", errno);
+                for (int k = 1; k < SERVE_FDS; k++)
+                    close(fds[k]);
+                if (setsid() < 0)
+                    setup_failed("setsid", errno);
+                return read_request(fds[0], argc);
+            }
+            reply = pid > 0 ? (int32_t)pid : -errno;
+        }
+        for (int k = 0; k < received; k++)
+            close(fds[k]);
+        if (send(sock, &reply, sizeof reply, MSG_NOSIGNAL) != sizeof reply)
+            _exit(0);
+    }
+}
+#endif
+
 int main(int argc, char **argv) {
     int i = 1;
     for (; i < argc; i++) {
@@ -61,6 +197,11 @@ int main(int argc, char **argv) {
         if (strcmp(arg, "--") == 0) {
             i++;
             break;
+#ifdef __linux__
+        } else if (strncmp(arg, "-S", 2) == 0) {
+            argv = serve(atoi(arg + 2), &argc);
+            i = 0;  /* the loop's i++ makes it 1: the action's own options follow */
+#endif
         } else if (strncmp(arg, "-r", 2) == 0) {
             report_fd = atoi(arg + 2);
             if (fcntl(report_fd, F_SETFD, FD_CLOEXEC) != 0)
@@ -102,6 +243,11 @@ int main(int argc, char **argv) {
     if (child < 0)
         setup_failed("fork", errno);
     if (child == 0) {
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        signal(SIGPIPE, SIG_DFL);
+        signal(SIGXFSZ, SIG_DFL);
         execvp(argv[i], argv + i);
         int err = errno;
         if (report_fd >= 0)

@@ -252,7 +252,8 @@ class WorkerAgent:
         self._unreported: dict[str, Completion] = {}
         self._draining = False
         self._stop_now = False
-        self._wake = asyncio.Event()
+        self._woken = False
+        self._sleeper: asyncio.Future[None] | None = None
         self._lease_s = 30.0
         self._joined = False
 
@@ -332,7 +333,7 @@ class WorkerAgent:
             self._draining = True
             log.info("worker %s: draining: %d action(s) still running",
                      self.worker_id, len(self._running))
-        self._wake.set()
+        self._wake()
 
     # -- the synchronize loop ------------------------------------------------------------
 
@@ -384,21 +385,18 @@ class WorkerAgent:
                 if now >= retry_at and len(calls) < 2 and (
                         news or idle_and_able or (not calls and now >= heartbeat)):
                     request = self._request()
-                    calls[asyncio.ensure_future(self.client.synchronize(request))] = request
+                    call = asyncio.ensure_future(self.client.synchronize(request))
+                    call.add_done_callback(self._rouse)
+                    calls[call] = request
                     news, last_call = False, now
                     heartbeat = now + self._lease_s / 3
-                self._wake.clear()
-                waiter = asyncio.ensure_future(self._wake.wait())
+                self._woken = False
                 if calls:
                     timeout = None  # a call ends by itself (the server bounds its hold)
                 else:
                     timeout = max((retry_at if now < retry_at else heartbeat) - now, 0.001)
-                try:
-                    done, _ = await asyncio.wait({*calls, waiter}, timeout=timeout,
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
-                if waiter in done:
+                await self._sleep(timeout, calls)
+                if self._woken:
                     news = True
                 for call in [c for c in calls if c.done()]:
                     request = calls.pop(call)
@@ -438,6 +436,31 @@ class WorkerAgent:
                 call.cancel()
             if calls:
                 await asyncio.wait(set(calls))
+
+    def _wake(self) -> None:
+        """There is news for the coordinator (an action finished, a drain began)."""
+        self._woken = True
+        self._rouse()
+
+    def _rouse(self, _: object = None) -> None:
+        """End the loop's sleep (news, or a call ended)."""
+        if self._sleeper is not None and not self._sleeper.done():
+            self._sleeper.set_result(None)
+
+    async def _sleep(self, timeout: float | None, calls: dict[Any, Any]) -> None:
+        """Until news, a call's end or ``timeout``: one future, where ``asyncio.wait``
+        on an ``Event`` cost a task and a cancellation per turn of the loop."""
+        if self._woken or any(call.done() for call in calls):
+            return
+        sleeper = self._sleeper = asyncio.get_running_loop().create_future()
+        timer = None if timeout is None else sleeper.get_loop().call_later(
+            timeout, self._rouse)
+        try:
+            await sleeper
+        finally:
+            self._sleeper = None
+            if timer is not None:
+                timer.cancel()
 
     def _handle(self, request: SyncRequest, response: SyncResponse) -> None:
         if not self._joined:
@@ -480,7 +503,7 @@ class WorkerAgent:
         if completion is not None:
             self._unreported[name] = completion
         self._running.pop(name, None)
-        self._wake.set()
+        self._wake()
 
     # -- one assignment ------------------------------------------------------------------
 
@@ -554,7 +577,13 @@ class WorkerAgent:
     def _remove_later(self, op_dir: Path) -> None:
         """Remove an exec dir off the reporting path (its outputs are stored already):
         after a short pause, so the report goes out first, and in batches, one thread
-        hop for all the dirs that finished meanwhile."""
+        hop for all the dirs that finished meanwhile. An empty one (an action without
+        inputs that left nothing) goes at once: one rmdir costs less than any hop."""
+        try:
+            os.rmdir(op_dir)
+            return
+        except OSError:  # not empty (or never made): the batch below deals with it
+            pass
         self._to_remove.append(op_dir)
         if self._remover is None or self._remover.done():
             task = self._remover = asyncio.ensure_future(self._remove_pending())

@@ -289,6 +289,19 @@ def _few_and_small(exec_root: Path, command: Command, streams: list[Path]) -> bo
     return total <= _INLINE_BYTES
 
 
+def _all_empty(streams: list[Path]) -> bool:
+    """Whether every stream file is a regular file of zero bytes (one ``lstat`` each: the
+    action's processes are gone, so none can write to it any more)."""
+    for path in streams:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISREG(info.st_mode) or info.st_size:
+            return False
+    return True
+
+
 async def collect_outputs(
     exec_root: Path,
     command: Command,
@@ -313,6 +326,12 @@ async def collect_outputs(
         except InvalidActionError as exc:
             raise OutputError(str(exc), permanent=True) from exc
     streams = [p for p in (stdout_path, stderr_path) if p is not None]
+    if not command.output_paths and _all_empty(streams):
+        # The usual trivial action: nothing to read, hash or store.
+        return CollectedOutputs(
+            stdout_digest=function.empty if stdout_path else None,
+            stderr_digest=function.empty if stderr_path else None,
+            digests=(function.empty,) if streams else ())
     try:
         if _few_and_small(exec_root, command, streams):
             walk = _scan(exec_root, command, function, streams)  # cheaper than a thread hop

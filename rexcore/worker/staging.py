@@ -111,6 +111,9 @@ class _Plan:
     symlinks: list[tuple[str, str]]
 
 
+_NOTHING = _Plan([], [], [])
+
+
 class _Vanished(Exception):
     """A blob file disappeared between lookup and link (the store's owner evicted it)."""
 
@@ -146,6 +149,15 @@ class InputStager:
         """Materialize ``input_root`` as ``exec_root`` (which must not exist yet); then
         create the directories ``also_create`` (relative paths: the working directory,
         the parents of outputs) where the tree has none, never through a symlink."""
+        root = self.directories.get(input_root)
+        if root is not None and not (root.files or root.directories or root.symlinks):
+            # No inputs (a parsed root seen before): a mkdir, nothing to pin or link.
+            try:
+                _materialize(exec_root, _NOTHING, {}, False, 0, also_create)
+            except OSError as exc:
+                raise InputError(f"cannot stage inputs into {exec_root}: {exc}") from exc
+            return StagedInputs(exec_root=exec_root, files=0, directories=0, symlinks=0,
+                                bytes=0, digests=[], pins=contextlib.ExitStack())
         pins = contextlib.ExitStack()
         try:
             plan = await self._plan(input_root, pins)
@@ -317,7 +329,10 @@ def _materialize(
     done by an earlier call). Returns why files were copied, if any were."""
     base = str(root)
     if start == 0:
-        os.makedirs(base)
+        try:
+            os.mkdir(base)
+        except FileNotFoundError:  # the parent is missing too (the usual exec dir is not)
+            os.makedirs(base)
         for path in plan.directories:  # parents come before children: breadth first
             os.mkdir(os.path.join(base, path))
     copied = ""
