@@ -505,6 +505,18 @@ class RexClient:
         self, method: str, path: str, answer: type[Any], body: bytes | None = None,
         long_poll_s: float = 0.0,
     ) -> Any:
+        if method == "POST" and body is not None:
+            if self._lean is None:
+                self._lean = _LeanCalls.for_url(self.base_url) or False
+            if self._lean:  # plain http: kept-alive connections of our own
+                read_s = max(self._timeout.sock_read or 0.0,
+                             long_poll_s + 30.0 if long_poll_s > 0 else 0.0)
+                status, reason, data = await self._lean.post(
+                    path, body, self, connect_s=self._timeout.connect or None,
+                    read_s=read_s or 300.0)
+                if status != 200:
+                    raise self._error(f"POST {self.base_url}{path}", status, reason, data)
+                return self._decode(method, path, data, answer)
         kwargs: dict[str, Any] = {}
         if body is not None:
             kwargs.update(data=body, headers={"Content-Type": "application/json"})
@@ -518,6 +530,9 @@ class RexClient:
             if response.status != 200:
                 await self._fail(response)
             data = await response.read()
+        return self._decode(method, path, data, answer)
+
+    def _decode(self, method: str, path: str, data: bytes, answer: type[Any]) -> Any:
         try:
             return decode(data, answer)
         except WireFormatError as exc:
@@ -586,24 +601,8 @@ class RexClient:
         """The worker protocol's one call: report, renew leases, get work (the server may
         hold the call up to ``request.wait_s`` seconds). Raises :class:`NotAuthorized`
         when the coordinator refuses this worker."""
-        path = "/v1/workers/synchronize"
-        if self._lean is None:
-            self._lean = _LeanCalls.for_url(self.base_url) or False
-        if self._lean is False:  # not plain http: through aiohttp
-            return await self._call("POST", path, SyncResponse, encode(request),
-                                    long_poll_s=request.wait_s)
-        read_s = max(self._timeout.sock_read or 0.0, request.wait_s + 30.0)
-        status, reason, data = await self._lean.post(
-            path, encode(request), self, connect_s=self._timeout.connect or None, read_s=read_s)
-        if status != 200:
-            raise self._error(f"POST {self.base_url}{path}", status, reason, data)
-        try:
-            return decode(data, SyncResponse)
-        except WireFormatError as exc:
-            raise RexClientError(
-                f"POST {path}: the server at {self.base_url} sent an unreadable "
-                f"SyncResponse: {exc}; are client and server the same rex version?"
-            ) from exc
+        return await self._call("POST", "/v1/workers/synchronize", SyncResponse,
+                                encode(request), long_poll_s=request.wait_s)
 
     async def status(self) -> SchedulerStatus:
         """Workers total/busy, queued and executing operations, execution counters."""
@@ -735,9 +734,10 @@ def _dechunk(buffer: bytearray) -> bytes | None:
 
 
 class _LeanCalls:
-    """Small JSON POSTs (the worker's synchronize calls, one per action) over kept-alive
-    connections of our own: aiohttp costs about 0.4 ms of CPU per call on each of a busy
-    worker's actions, this a tenth of it. Plain ``http://`` only (false for others)."""
+    """Small JSON POSTs (execute requests, the worker's synchronize calls: one or two per
+    action) over kept-alive connections of our own: aiohttp costs about 0.4 ms of CPU per
+    call on each side of a busy action, this a tenth of it. Plain ``http://`` only (false
+    for others)."""
 
     _KEEP = 4  # idle connections kept: a worker has at most two calls in flight
 
