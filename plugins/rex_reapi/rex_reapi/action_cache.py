@@ -81,7 +81,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         result.CopyFrom(request.action_result)
         cached = await result_from_proto(result, function, backend.store)
         try:
-            await backend.cache.put(digest, cached)
+            await backend.cache.put(digest, cached, inline=True)
         except MissingBlobsError as exc:  # evicted between the check and the write
             raise ReapiError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         return result

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from rex_reapi.convert import CachedReapiResult, InputTreeConverter, ResultConverter
+from rex_reapi.convert import CachedReapiResult, InputTreeConverter, RecentBlobs, ResultConverter
 from rex_reapi.digests import function_of
 from rex_reapi.errors import ReapiError
 from rex_reapi.options import ReapiOptions
@@ -36,7 +36,9 @@ class ReapiBackend:
         self.store = runtime.blob_store
         self.functions: tuple[DigestFunction, ...] = tuple(runtime.digest_functions)
         self.instance_names = frozenset(options.instance_names)
-        self.inputs = InputTreeConverter(self.store)
+        #: Small blobs just uploaded, which an Execute reads moments later.
+        self.recent = RecentBlobs()
+        self.inputs = InputTreeConverter(self.store, recent=self.recent)
         self.results = ResultConverter(self.store)
         cache_config = runtime.config.storage.action_cache
         self.cache_enabled = cache_config.enabled

@@ -15,7 +15,7 @@ import zstandard
 from google.rpc import code_pb2
 
 from rex_reapi.backend import ReapiBackend, streaming, unary
-from rex_reapi.convert import get_many, invalid
+from rex_reapi.convert import INLINE_READ, RecentBlobs, get_many, invalid, put_all
 from rex_reapi.digests import function_value, to_proto, to_rex
 from rex_reapi.errors import ReapiError, missing_blobs_error, rpc_status
 from rex_reapi.local_reads import open_blob_file, stream_blob_file
@@ -141,6 +141,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
                 else:
                     raise invalid(f"compressor {one.compressor} is not served (use ZSTD)")
                 await backend.store.put(digest, data)
+                backend.recent.remember(digest, data)
                 return rpc_status(code_pb2.OK)
             except ReapiError as exc:
                 return exc.status()
@@ -312,9 +313,10 @@ class _BufferedWriter:
     Views of ``bytes`` (the Write handler's payloads) are kept as they are, not copied: a
     blob sent in one message is stored straight from the message."""
 
-    def __init__(self, store: BlobStore, digest: Digest) -> None:
+    def __init__(self, store: BlobStore, digest: Digest, recent: RecentBlobs) -> None:
         self.digest = digest
         self._store = store
+        self._recent = recent
         self._pieces: list[bytes | memoryview] = []
 
     async def write(self, data: bytes | memoryview) -> None:
@@ -323,15 +325,18 @@ class _BufferedWriter:
 
     async def commit(self) -> None:
         pieces = self._pieces
-        await self._store.put(self.digest, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        # put_all: a blob of a few KiB (most of Bazel's uploads) is stored right here.
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        await put_all(self._store, {self.digest: data})
+        self._recent.remember(self.digest, data)
 
     async def abort(self) -> None:
         self._pieces.clear()
 
 
-def _open_writer(store: BlobStore, digest: Digest) -> BlobWriter:
+def _open_writer(store: BlobStore, digest: Digest, recent: RecentBlobs) -> BlobWriter:
     if digest.size <= SMALL_UPLOAD:
-        return _BufferedWriter(store, digest)  # type: ignore[return-value]
+        return _BufferedWriter(store, digest, recent)  # type: ignore[return-value]
     return store.open_write(digest)
 
 
@@ -398,10 +403,23 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         chunk = backend.options.read_chunk_size
         store = backend.store
         if name.compressor == "identity":
+            end = digest.size if limit is None else min(digest.size, offset + limit)
+            if digest.size <= INLINE_READ:
+                # A small blob (most outputs, stdout, stderr) in one response, read right
+                # here: the trips to a thread to open and read it cost more.
+                [data] = await get_many(store, [digest])
+                if isinstance(data, BlobNotFoundError):
+                    raise ReapiError(grpc.StatusCode.NOT_FOUND,
+                                     f"blob {digest} is not in the CAS") from None
+                if isinstance(data, BaseException):
+                    raise data
+                view = memoryview(data)[offset:end]
+                for start in range(0, len(view), chunk):
+                    yield encode_read_response(view[start:start + chunk])
+                return
             # A blob in a local file (the disk store) goes out straight from the file.
             fd = await open_blob_file(store, digest, self._readers)
             if fd is not None:
-                end = digest.size if limit is None else min(digest.size, offset + limit)
                 async with contextlib.aclosing(stream_blob_file(
                         fd, digest, offset, end, chunk, self._readers)) as messages:
                     async for message in messages:
@@ -450,7 +468,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                             return bs_pb2.WriteResponse(
                                 committed_size=-1 if compressed else digest.size)
                         existing = _Upload(
-                            digest, compressed, _open_writer(backend.store, digest),
+                            digest, compressed, _open_writer(backend.store, digest, backend.recent),
                             decompressor=zstandard.ZstdDecompressor().decompressobj()
                             if compressed else None)
                         self._uploads[resource] = existing

@@ -17,7 +17,7 @@ import base64
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import attrs
 import grpc
@@ -28,6 +28,7 @@ from rex_reapi.digests import to_proto, to_rex
 from rex_reapi.errors import ReapiError, missing_blobs_error
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
 from rexcore.artifacts.digest import Digest, DigestFunction, digest_of
+from rexcore.artifacts.disk import DiskBlobStore
 from rexcore.artifacts.store import BlobNotFoundError, BlobStore
 from rexcore.serialization import action as rex
 from rexcore.serialization import action_result as rex_result
@@ -38,6 +39,7 @@ __all__ = [
     "ConvertedAction",
     "InputTreeConverter",
     "OutputLayout",
+    "RecentBlobs",
     "ResultConverter",
     "convert_action",
     "result_from_proto",
@@ -52,15 +54,59 @@ _VERIFIED_FOR_S = 30.0
 #: Blobs up to this size with a file in the store are read on the event loop: a page-cache
 #: read of a few KiB costs less than the hop to a thread and back (Actions, Commands and
 #: Directories are small, and an Execute reads several).
-_INLINE_READ = 64 << 10
+INLINE_READ = 64 << 10
 
 
-async def get_many(store: BlobStore, digests: list[Digest]) -> list[bytes | BaseException]:
-    """The blobs ``digests`` (or the error reading each), small local files read inline."""
+#: Blobs stored on the event loop when they come to at most this much in all (an Action,
+#: its Command, a few Directories, a small ByteStream upload): creating a few small files
+#: costs less than the hop to a thread and back.
+INLINE_WRITE = 16 << 10
+
+
+class RecentBlobs:
+    """Small blobs just uploaded, kept in memory (least recently used out first, up to
+    ``max_bytes`` in all): Bazel uploads an action's Action, Command and input Directories
+    moments before its Execute reads them back. Only bytes the store verified and stored
+    are remembered, so a blob found here is the blob, even if the store evicted it since."""
+
+    def __init__(self, max_bytes: int = 8 << 20, max_blob: int = INLINE_WRITE) -> None:
+        self._blobs: OrderedDict[Digest, bytes] = OrderedDict()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._max_blob = max_blob
+
+    def remember(self, digest: Digest, data: bytes | memoryview) -> None:
+        if not 0 < len(data) <= self._max_blob or digest in self._blobs:
+            return
+        self._blobs[digest] = bytes(data)
+        self._bytes += len(data)
+        while self._bytes > self._max_bytes:
+            _, dropped = self._blobs.popitem(last=False)
+            self._bytes -= len(dropped)
+
+    def get(self, digest: Digest) -> bytes | None:
+        data = self._blobs.get(digest)
+        if data is not None:
+            self._blobs.move_to_end(digest)
+        return data
+
+    def __len__(self) -> int:
+        return len(self._blobs)
+
+
+async def get_many(store: BlobStore, digests: list[Digest],
+                   recent: RecentBlobs | None = None) -> list[bytes | BaseException]:
+    """The blobs ``digests`` (or the error reading each): those just uploaded from
+    ``recent``, small local files read inline, the rest through the store."""
     found: list[bytes | BaseException | None] = [None] * len(digests)
     rest: list[int] = []
     for index, digest in enumerate(digests):
-        path = store.local_path(digest) if 0 < digest.size <= _INLINE_READ else None
+        if recent is not None:
+            data = recent.get(digest)
+            if data is not None:
+                found[index] = data
+                continue
+        path = store.local_path(digest) if 0 < digest.size <= INLINE_READ else None
         if path is not None:
             try:
                 with open(path, "rb") as file:
@@ -78,20 +124,35 @@ async def get_many(store: BlobStore, digests: list[Digest]) -> list[bytes | Base
     return found  # type: ignore[return-value]
 
 
-async def get_one(store: BlobStore, digest: Digest) -> bytes:
-    [outcome] = await get_many(store, [digest])
+async def get_one(store: BlobStore, digest: Digest, recent: RecentBlobs | None = None) -> bytes:
+    [outcome] = await get_many(store, [digest], recent)
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
 
 
-async def put_all(store: BlobStore, blobs: dict[Digest, bytes]) -> None:
-    """Store ``blobs``; in one call (one thread hop for the disk store) where possible."""
+
+
+async def put_all(store: BlobStore, blobs: Mapping[Digest, bytes | memoryview]) -> None:
+    """Store ``blobs``: a few small ones right here (disk store), else in one call (one
+    thread hop for the disk store) where possible."""
+    if isinstance(store, DiskBlobStore):
+        inline = sum(map(len, blobs.values())) <= INLINE_WRITE
+        await store.put_many(blobs, inline=inline)
+        return
     put_many = getattr(store, "put_many", None)
     if put_many is not None:
         await put_many(blobs)
     else:
         await asyncio.gather(*(store.put(d, b) for d, b in blobs.items()))
+
+
+async def put_missing(store: BlobStore, blobs: Mapping[Digest, bytes]) -> None:
+    """:func:`put_all` of those ``blobs`` the store lacks (rewriting a held blob would
+    still create a file, only to find the blob there)."""
+    missing = await store.find_missing(blobs)
+    if missing:
+        await put_all(store, {digest: blobs[digest] for digest in missing})
 
 
 def invalid(message: str) -> ReapiError:
@@ -147,8 +208,11 @@ def _directory_to_rex(message: re_pb2.Directory, function: DigestFunction, where
 class InputTreeConverter:
     """REAPI input trees to rex Directories, remembered per REAPI directory digest."""
 
-    def __init__(self, store: BlobStore, max_directories: int = 200_000) -> None:
+    def __init__(self, store: BlobStore, max_directories: int = 200_000,
+                 recent: RecentBlobs | None = None) -> None:
         self._store = store
+        #: Blobs just uploaded (the REAPI Directories are read from here when there).
+        self.recent = recent
         self._max = max_directories
         self._converted: OrderedDict[Digest, _Converted] = OrderedDict()
 
@@ -157,25 +221,36 @@ class InputTreeConverter:
 
         Raises FAILED_PRECONDITION listing the missing blobs, INVALID_ARGUMENT for a
         malformed directory."""
+        native, _ = await self.convert_root(root)
+        return native
+
+    async def convert_root(self, root: Digest) -> tuple[Digest, bytes | None]:
+        """:meth:`convert`, and the rex Directory blob of the root when this call made it
+        (None when it was converted before), so the scheduler need not read it back."""
+        data: bytes | None = None
         for attempt in range(2):
-            await self._load(root)
+            made = await self._load(root)
+            data = made if made is not None else data
             stale = await self._verify(root)
             if not stale:
-                return self._converted[root].native
+                # A conversion is a function of the REAPI directory: bytes made by a first
+                # attempt are still the root's.
+                return self._converted[root].native, data
             for digest in stale:  # a converted directory blob was evicted: convert again
                 self._converted.pop(digest, None)
         raise ReapiError(grpc.StatusCode.UNAVAILABLE,
                          f"the input tree {root} keeps being evicted from the CAS; retry")
 
-    async def _load(self, root: Digest) -> None:
-        """Fetch and convert every directory of the tree that is not converted yet."""
+    async def _load(self, root: Digest) -> bytes | None:
+        """Fetch and convert every directory of the tree that is not converted yet; the
+        rex blob of the root if it was among them."""
         known = self._converted
         fetched: dict[Digest, re_pb2.Directory] = {}
         native_of: dict[Digest, Digest] = {}  # rex digests of the directories converted
         level = [root] if root not in known else []
         missing: list[Digest] = []
         while level:
-            blobs = await get_many(self._store, level)
+            blobs = await get_many(self._store, level, self.recent)
             next_level: dict[Digest, None] = {}
             for digest, blob in zip(level, blobs):
                 if isinstance(blob, BlobNotFoundError):
@@ -212,12 +287,13 @@ class InputTreeConverter:
             files = tuple(node.digest for node in directory.files)
             converted[digest] = _Converted(native, files, children)
         if blobs_to_store:
-            await put_all(self._store, blobs_to_store)
+            await put_missing(self._store, blobs_to_store)
         # Known only once stored: a concurrent Execute of an overlapping tree must not
         # find an entry whose rex blob is not in the store yet (it would count as evicted).
         known.update(converted)
         while len(known) > self._max:
             known.popitem(last=False)
+        return blobs_to_store[native_of[root]] if root in converted else None
 
     async def _verify(self, root: Digest) -> list[Digest]:
         """Check every blob of the tree is in the store (skipping recently verified
@@ -299,6 +375,16 @@ class ConvertedAction:
     command_bytes: bytes
     layout: OutputLayout
     do_not_cache: bool
+    #: The rex input root's blob when this conversion made it (else None).
+    input_root_bytes: bytes | None = None
+
+    def blobs(self) -> dict[Digest, bytes]:
+        """The rex blobs at hand, for the scheduler (it then reads none of them back)."""
+        blobs = {self.native_digest: self.action_bytes,
+                 self.action.command_digest: self.command_bytes}
+        if self.input_root_bytes is not None:
+            blobs[self.action.input_root_digest] = self.input_root_bytes
+        return blobs
 
 
 def _timeout_of(action: re_pb2.Action, max_timeout_s: float) -> float | None:
@@ -343,7 +429,7 @@ async def convert_action(
     and store the rex Action and Command in the CAS."""
     function = action_digest.function
     try:
-        action_bytes = await get_one(store, action_digest)
+        action_bytes = await get_one(store, action_digest, inputs.recent)
     except BlobNotFoundError:
         raise missing_blobs_error([action_digest], "action") from None
     action = _parse(re_pb2.Action, action_bytes, f"action {action_digest}")
@@ -352,14 +438,14 @@ async def convert_action(
     command_digest = to_rex(action.command_digest, function, "action command_digest")
     root_digest = to_rex(action.input_root_digest, function, "action input_root_digest")
     try:
-        command_bytes = await get_one(store, command_digest)
+        command_bytes = await get_one(store, command_digest, inputs.recent)
     except BlobNotFoundError:
         raise missing_blobs_error([command_digest], "action's command") from None
     command_message = _parse(re_pb2.Command, command_bytes, f"command {command_digest}")
     command, layout = convert_command(command_message, f"command {command_digest}")
     platform_message = action.platform if action.platform.properties else command_message.platform
     timeout_s = _timeout_of(action, max_timeout_s)
-    native_root = await inputs.convert(root_digest)
+    native_root, native_root_bytes = await inputs.convert_root(root_digest)
     native_command_bytes = rex.canonical_bytes(command)
     native_command_digest = digest_of(native_command_bytes, function)
     native_action = rex.Action(
@@ -372,10 +458,10 @@ async def convert_action(
     )
     native_action_bytes = rex.canonical_bytes(native_action)
     native_digest = digest_of(native_action_bytes, function)
-    await put_all(store, {native_command_digest: native_command_bytes,
-                          native_digest: native_action_bytes})
+    await put_missing(store, {native_command_digest: native_command_bytes,
+                              native_digest: native_action_bytes})
     return ConvertedAction(native_digest, native_action, native_action_bytes, command,
-                           native_command_bytes, layout, action.do_not_cache)
+                           native_command_bytes, layout, action.do_not_cache, native_root_bytes)
 
 
 # -- results ------------------------------------------------------------------------------

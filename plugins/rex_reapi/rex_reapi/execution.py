@@ -116,11 +116,14 @@ class _Operations:
         if (code == 0 and op.result.exit_code == 0 and submitted is not None
                 and submitted.cacheable and self.backend.cache_enabled):
             try:
+                # A small entry is written right here: cheaper than a thread hop.
                 await self.backend.cache.put(submitted.action_digest,
-                                             CachedReapiResult.of(result, referenced))
+                                             CachedReapiResult.of(result, referenced),
+                                             inline=True)
             except MissingBlobsError as exc:
                 log.warning("result of %s not cached: %s", submitted.action_digest, exc)
-        if submitted is not None:
+        if submitted is not None and (submitted.inline_stdout or submitted.inline_stderr
+                                      or submitted.inline_files):
             await inline_outputs(self.backend, result, submitted.action_digest.function,
                                  submitted.inline_stdout, submitted.inline_stderr,
                                  submitted.inline_files)
@@ -166,8 +169,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
                 converted.native_digest,
                 priority=request.execution_policy.priority,
                 skip_cache_lookup=request.skip_cache_lookup,
-                blobs={converted.native_digest: converted.action_bytes,
-                       converted.action.command_digest: converted.command_bytes},
+                blobs=converted.blobs(),
             )
         except MissingInputsError as exc:
             raise missing_blobs_error(exc.missing, "action") from None
