@@ -9,9 +9,12 @@ cgroup namespaces (and the network one, unless the action may use the network: w
 the worker runs as root, the slot's spawner has made that one ahead of time, while the
 previous action ran, and the action is born in it), builds a root of its own (system directories read-only, a
 minimal /etc, fresh /proc, minimal /dev, tmpfs /tmp and temp dirs, the exec root
-writable), sets no_new_privs, drops every capability and runs the command under a
-reaper that is pid 1 of the new pid namespace: when the command exits, or that reaper is
-killed, the kernel kills everything else in the namespace.
+writable), sets no_new_privs, drops every capability and runs the command as pid 1 of
+the new pid namespace (``--as-pid-1``: no reaper process in between): when the command
+exits, or is killed, the kernel kills everything else in the namespace, and bubblewrap's
+outer process ends only after that, so the cgroup is empty by then. As pid 1 the command
+gets a SIGTERM only if it handles it (the kernel's rule for a namespace's init); at a
+timeout an unhandled one is followed by the SIGKILL after ``kill_grace_s``.
 
 When the worker runs as root, actions run as ``nobody`` on the host (bubblewrap itself
 runs unprivileged), so they own no staged input: a hardlink of a cached blob can be
@@ -442,7 +445,8 @@ class _Run:
         left = self.cgroup.pids()
         pause = 0.005
         while left and time.monotonic() < deadline:
-            # Usually bubblewrap's pid 1, still tearing its namespaces down: woken by its
+            # Rare with --as-pid-1 (the outer bubblewrap waits for the namespace's pid 1):
+            # a process still being torn down, or one that will not die; woken by its
             # exit, not by a polling interval.
             self.signal_tree(signal.SIGKILL)
             await _first_exit(left, pause)
@@ -562,7 +566,7 @@ class LinuxSandbox:
         self._etc_signature = signature
         options = self.options
         self._static = [
-            options.bwrap, *_NAMESPACES, "--die-with-parent", "--new-session",
+            options.bwrap, *_NAMESPACES, "--as-pid-1", "--die-with-parent", "--new-session",
             "--cap-drop", "ALL", "--hostname", options.hostname,
             *_system_mounts(options.system_paths), "--ro-bind", str(etc), "/etc",
             "--proc", "/proc", "--dev", "/dev",

@@ -254,6 +254,15 @@ async def test_the_network_is_off_unless_asked_for_and_allowed(tmp_path, exec_ro
         await open_.close()
 
 
+async def test_the_command_is_pid_1_and_a_sigterm_it_handles_reaches_it(
+        linux_sandbox, exec_root):
+    script = ("trap 'echo got-term; exit 3' TERM; echo pid $$; "
+              "while true; do sleep 0.05; done")
+    result = await linux_sandbox.run(request(exec_root, script, timeout_s=1))
+    assert result.timed_out
+    assert out(exec_root).splitlines()[0] == "pid 1" and "got-term" in out(exec_root)
+
+
 async def test_temp_dirs_of_the_spec_are_fresh_tmpfs(linux_sandbox, exec_root):
     (exec_root / "scratch").mkdir()
     (exec_root / "scratch" / "old").write_text("stale")
