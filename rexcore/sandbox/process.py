@@ -620,11 +620,9 @@ class _Execution:
         if self.report_fd is not None and self.report is None:
             self.report = _read_report(self.report_fd)
             self.report_fd = None
-        # The helper, a subreaper, found no child left after the command (none exited
-        # later, none alive): its tree is empty, nothing to look for in /proc.
-        done = (self.report or {}).get("done", [])
-        nothing_left = done[4:] == ["0"]
-        if self.tree is not None and not (nothing_left and not self.tree.members):
+        # Always walked, even when the helper reports no child left: a process can slip
+        # between its last look and its exit (a daemon leaked in CI with that shortcut).
+        if self.tree is not None:
             deadline = time.monotonic() + _KILL_PATIENCE_S
             while live := self.tree.refresh():
                 for pid, start in live:
@@ -634,9 +632,7 @@ class _Execution:
                                 [pid for pid, _ in live], self.pid)
                     break
                 await asyncio.sleep(0.002)
-        # Leftovers re-parent to the worker only if the helper says any were alive (or
-        # there is no helper to say so).
-        if _orphans.adopting and not nothing_left:
+        if _orphans.adopting:
             await _orphans.sweep()
         if not self.reaped:
             self._status = self._reap()

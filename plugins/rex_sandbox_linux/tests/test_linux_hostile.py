@@ -125,11 +125,12 @@ async def test_a_child_that_ignores_sigterm(served):
 
 async def test_a_daemonized_grandchild_outliving_its_parent(served):
     marker = served.workdir / "daemon-pid"
-    result = await run(served, "(setsid sh -c 'sleep 300 & echo $! ' &) ; sleep 0.2")
+    # 297: a duration no other test uses, so that only this action's daemon is looked for.
+    result = await run(served, "(setsid sh -c 'sleep 297 & echo $! ' &) ; sleep 0.2")
     assert result.exit_code == 0
     # Its pid namespace died with the action: nothing of it is left on the host.
     leftovers = [p for p in os.listdir("/proc") if p.isdigit()
-                 and b"sleep\x00300" in _cmdline(p)]
+                 and b"sleep\x00297" in _cmdline(p)]
     assert not leftovers
     assert not marker.exists()
     await still_serving(served)
