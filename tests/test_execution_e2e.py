@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from rexcore.core.loop import chosen_event_loop
 from rexcore.protocol.client import RexClient
 from tests._real_rexd import WORKER_PID, alive, lines, stdout_of, submit, wait_until
 
@@ -166,10 +167,12 @@ async def test_a_thousand_queued_actions_on_four_workers_all_complete_exactly_on
     assert metrics["total_executions"] == metrics["successful_executions"] == count
 
 
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
 async def test_a_timeout_kills_the_whole_tree_including_a_daemonized_grandchild(
-    rexd_processes,
+    rexd_processes, event_loop
 ):
-    server = rexd_processes.serve(workers=1)
+    # On each event loop rexd can run: the default (uvloop here) and the standard one.
+    server = rexd_processes.serve(workers=1, config={"event_loop": event_loop})
     shared = rexd_processes.shared
     daemon_pid, action_pid = shared / "daemon.pid", shared / "action.pid"
     await server.wait_for_workers(1)
@@ -189,3 +192,5 @@ async def test_a_timeout_kills_the_whole_tree_including_a_daemonized_grandchild(
         pid = int(pid_file.read_text())
         await wait_until(lambda pid=pid: not alive(pid), f"{pid_file.name} {pid} to be gone",
                          patience_s=30)
+    chosen = chosen_event_loop(event_loop)
+    assert server.log().count(f"event loop: {chosen}") == 2, server.log()  # rexd, worker

@@ -17,7 +17,6 @@ exits with the action's own exit code, ``rex status`` with 1 when the server is 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from rexcore import __version__
 from rexcore.artifacts.digest import DigestFunction, InvalidDigestError, parse_digest
 from rexcore.config.types import parse_size
+from rexcore.core.loop import run as run_loop
 from rexcore.core.remote_action import execute_remotely
 from rexcore.protocol.client import (
     Progress,
@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     tune_malloc_for_streaming()
     try:
-        return asyncio.run(_run(args))
+        return run_loop(_run(args))
     except _UsageError as exc:
         return _fail(str(exc), 2)
     except (RexClientError, _LocalError) as exc:

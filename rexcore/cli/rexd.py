@@ -100,8 +100,9 @@ def _top_parser() -> argparse.ArgumentParser:
                         help="with --parent-pid: seconds an orphaned worker keeps trying to "
                              "finish and report its running actions (default: 60)")
     worker.add_argument("--config", type=Path, metavar="FILE",
-                        help="rexd.toml whose [plugins] say which plugins to load and whose "
-                             "[sandboxes.NAME] tables give sandbox options")
+                        help="rexd.toml whose [plugins] say which plugins to load, whose "
+                             "[sandboxes.NAME] tables give sandbox options and whose "
+                             "event_loop picks the event loop")
     worker.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         default="info", help="logging level (default: info)")
 
@@ -179,11 +180,14 @@ def _serve(argv: Sequence[str], args: argparse.Namespace) -> int:
         level=resolved.config.logging.level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from rexcore.core import loop
     from rexcore.core.daemon import Daemon, DaemonError
 
+    setting = resolved.config.event_loop
     try:
-        asyncio.run(Daemon(resolved, plugins).serve_forever())
-    except DaemonError as exc:
+        logging.getLogger("rexd").info("event loop: %s", loop.chosen_event_loop(setting))
+        loop.run(Daemon(resolved, plugins).serve_forever(), setting)
+    except (DaemonError, loop.EventLoopError) as exc:
         raise _Fail(str(exc)) from exc
     return 0
 
@@ -236,6 +240,7 @@ def _worker(args: argparse.Namespace) -> int:
     import os
 
     from rexcore.config.model import default_data_dir
+    from rexcore.core import loop
     from rexcore.plugins.descriptors import ComponentContext
     from rexcore.protocol.client import RexClientError, resolve_server, tune_malloc_for_streaming
     from rexcore.sandbox.interface import SandboxError
@@ -261,8 +266,14 @@ def _worker(args: argparse.Namespace) -> int:
     source = str(args.config) if args.config else "config"
     raw = read_config_file(args.config)
     plugins = build_plugin_manager(_plugins_config(raw, source), strict=True)
+    event_loop = raw.get("event_loop", "auto")
+    try:
+        loop.chosen_event_loop(event_loop)
+    except loop.EventLoopError as exc:
+        raise _Fail(f"{source}: {exc}", status=2) from None
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rexd").info("event loop: %s", loop.chosen_event_loop(event_loop))
     tune_malloc_for_streaming()
 
     async def serve() -> None:
@@ -284,8 +295,8 @@ def _worker(args: argparse.Namespace) -> int:
                 watch.cancel()
 
     try:
-        asyncio.run(serve())
-    except (WorkerError, SandboxError) as exc:
+        loop.run(serve(), event_loop)
+    except (WorkerError, SandboxError, loop.EventLoopError) as exc:
         raise _Fail(str(exc)) from exc
     return 0
 

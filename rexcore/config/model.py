@@ -15,6 +15,7 @@ import attrs
 
 from rexcore.artifacts.digest import DigestFunction
 from rexcore.config.component import ComponentRef
+from rexcore.core.loop import EVENT_LOOPS
 from rexcore.pool.config import PoolConfig
 from rexcore.scheduler.config import SchedulerConfig
 
@@ -113,9 +114,11 @@ class RexConfig:
     ``protocols`` maps a protocol name to its options table; a protocol not named there
     runs with its defaults, and ``enabled = false`` in its table switches it off.
     ``sandboxes`` maps a sandbox name to its options, used by the workers.
+    ``event_loop``: the asyncio loop of rexd and its local workers (:mod:`rexcore.core.loop`).
     """
 
     data_dir: str = ""
+    event_loop: str = attrs.field(default="auto", validator=attrs.validators.in_(EVENT_LOOPS))
     plugins: PluginsConfig = attrs.field(factory=PluginsConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
     protocols: dict[str, dict[str, Any]] = attrs.field(factory=dict)

@@ -84,7 +84,8 @@ class LocalProvider:
         path = context.data_dir / "workers" / "worker.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
         table = {"plugins": unstructure_config(context.config.plugins),
-                 "sandboxes": context.config.sandboxes}
+                 "sandboxes": context.config.sandboxes,
+                 "event_loop": context.config.event_loop}
         path.write_text(tomli_w.dumps(table))
         return path
 
