@@ -384,3 +384,62 @@ async def test_a_store_of_executables_publishes_blobs_with_mode_0555(tmp_path: P
         assert empty is not None and stat.S_IMODE(os.stat(empty).st_mode) == 0o555
     finally:
         await store.close()
+
+
+# -- writing a small file whole: unnamed (O_TMPFILE) or through a named temp file -------
+
+
+@pytest.fixture(params=["unnamed", "named"])
+def file_writer(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A temp dir for :func:`write_new_file`, which takes the named temp file when the
+    file system cannot make unnamed files: forced here for the ``named`` case."""
+    from rexcore.artifacts import _files
+
+    temp_dir = tmp_path / f"tmp-{request.param}"
+    temp_dir.mkdir()
+    if request.param == "named":
+        _files._NO_TMPFILE.add(str(temp_dir))
+    try:
+        yield str(temp_dir)
+    finally:
+        _files._NO_TMPFILE.discard(str(temp_dir))
+
+
+def test_write_new_file_publishes_whole_files_once(file_writer: str, tmp_path: Path) -> None:
+    from rexcore.artifacts._files import write_new_file
+
+    target = tmp_path / "out" / "ab" / "blob"  # its directories do not exist yet
+    assert write_new_file(file_writer, str(target), b"first", mode=0o444, stamp_ns=1234 * 10**9)
+    assert target.read_bytes() == b"first"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o444
+    assert target.stat().st_mtime_ns == 1234 * 10**9
+    # An existing name keeps its bytes: content-addressed names hold the same content.
+    assert not write_new_file(file_writer, str(target), b"second", mode=0o444)
+    assert target.read_bytes() == b"first"
+    entry = tmp_path / "entry"
+    assert write_new_file(file_writer, str(entry), b"old", fsync=True)
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+    assert write_new_file(file_writer, str(entry), b"new", replace=True)
+    assert entry.read_bytes() == b"new"
+    assert os.listdir(file_writer) == []  # no temp file is left behind either way
+    from rexcore.artifacts import _files
+
+    if sys.platform == "linux" and file_writer.endswith("-unnamed"):
+        assert file_writer not in _files._NO_TMPFILE  # the unnamed way was taken
+
+
+def test_write_new_file_leaves_nothing_when_the_write_fails(
+    file_writer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rexcore.artifacts import _files
+
+    def no_space(fd: int, data: bytes | memoryview) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_files.os, "write", no_space)
+    target = tmp_path / "blob"
+    with pytest.raises(OSError):
+        _files.write_new_file(file_writer, str(target), b"data")
+    monkeypatch.undo()
+    assert not target.exists()
+    assert os.listdir(file_writer) == []

@@ -22,7 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import attrs
 import orjson
 
-from rexcore.artifacts._files import TempFile, remove_file, remove_stale_temps, replace_atomically
+from rexcore.artifacts._files import remove_file, remove_stale_temps, write_new_file
 from rexcore.artifacts.digest import Digest, DigestFunction
 from rexcore.artifacts.store import BlobStore, StorageError
 from rexcore.serialization import codec
@@ -120,12 +120,7 @@ def _load(path: str, action_digest: Digest, result_type: type[R]) -> R | None:
 
 
 def _store(temp_dir: str, path: str, data: bytes) -> None:
-    temp = TempFile(temp_dir, os.path.basename(path))
-    try:
-        temp.write(data)
-        replace_atomically(temp, path)
-    finally:
-        temp.remove()
+    write_new_file(temp_dir, path, data, replace=True)
 
 
 class ActionCache(Generic[R]):

@@ -40,6 +40,7 @@ from rexcore.artifacts._files import (
     link_new,
     remove_file,
     remove_stale_temps,
+    write_new_file,
 )
 from rexcore.artifacts._local import CAP_OPTION, IndexedBlobStore, VerifyingWriter, check_range
 from rexcore.artifacts.digest import Digest, DigestFunction, Hasher, InvalidDigestError
@@ -363,12 +364,7 @@ def _put_small(
     actual = hasher.hexdigest()
     if actual != digest.hash:
         return actual
-    temp = TempFile(temp_dir, digest.hash)
-    try:
-        temp.write(data)
-        return _publish_temp(temp, target, stamp, fsync, mode)
-    finally:
-        temp.remove()
+    return write_new_file(temp_dir, target, data, mode=mode, stamp_ns=stamp, fsync=fsync)
 
 
 def _put_small_many(
