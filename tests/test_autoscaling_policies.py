@@ -218,9 +218,11 @@ def test_predictive_hardly_ever_reverses_under_steady_load():
 @settings(max_examples=60, deadline=None)
 @given(steps=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 30), st.integers(0, 40)),
                       min_size=2, max_size=40))
-def test_predictive_never_sizes_below_what_runs_and_always_says_why(steps):
+def test_predictive_keeps_what_runs_while_actions_queue_and_always_says_why(steps):
     """Whatever the counters do, a decision keeps a slot per running action (unless a
-    cooldown holds the current size) and carries a reason naming its need."""
+    cooldown holds the current size) while actions queue; with nothing queued it may go
+    below, and then says that it releases busy workers (they finish their actions
+    first). Every decision carries a reason naming its need."""
     policy = create_predictive_policy(PredictiveOptions(),
                                       attrs.evolve(POOL, scale_up_cooldown_s=0))
     arrivals = completions = 0
@@ -231,7 +233,10 @@ def test_predictive_never_sizes_below_what_runs_and_always_says_why(steps):
         decision = policy.decide(_observation(
             tick * 15.0, ready=current, running=running, queued=queued, arrivals=arrivals,
             completions=completions, busy_s=completions * 20.0))
-        assert decision.desired >= running
+        if queued:
+            assert decision.desired >= running
+        elif decision.desired < running:
+            assert "releasing the busy beyond" in decision.reason
         assert decision.reason.startswith("predictive: ") and " needs " in decision.reason
 
 
@@ -329,3 +334,107 @@ def test_predictive_shrinks_a_steady_pool_only_to_the_upper_bound_of_its_estimat
     point = erlang_c_slots(20.0, 40.0, options.wait_objective_s, options.wait_quantile, 100)
     assert point < decision.desired < 40, decision.reason
     assert "within noise" in decision.reason
+
+
+def test_predictor_recent_rate_is_the_plain_mean_of_the_last_raw_rates():
+    predictor = LoadPredictor(alpha=0.3, trend_samples=8, initial_service_s=30.0)
+    assert predictor.recent_rate(3) == 0.0  # nothing observed yet
+    arrivals = 0
+    for tick, per_tick in enumerate([30, 30, 30, 30, 3, 6, 9]):
+        arrivals += per_tick
+        predictor.observe(tick * 15.0, arrivals, 0, 0.0)
+    # The samples after the first observation: 2, 2, 2, 0.2, 0.4, 0.6 per second.
+    assert math.isclose(predictor.recent_rate(3), 0.4)
+    assert predictor.rate > 0.4  # the fast EWMA still carries the old 2/s
+
+
+def _fed(policy, ticks: int, per_tick: int, service_s: float, start: int = 0,
+         arrivals: int = 0, **fields):
+    """Feed ``ticks`` intervals of ``per_tick`` arrivals (each finished at once, taking
+    ``service_s``); returns the arrivals so far and the last decision."""
+    decision = None
+    for tick in range(start, start + ticks):
+        arrivals += per_tick
+        decision = policy.decide(_observation(tick * 15.0, arrivals=arrivals,
+                                              completions=arrivals,
+                                              busy_s=arrivals * service_s, **fields))
+    return arrivals, decision
+
+
+def test_predictive_releases_the_workers_of_a_worked_off_burst_as_they_finish():
+    """A steady 0.2/s of 40 s needs about 13 workers. After a burst, 60 workers all run
+    an action and nothing queues: the pool is sized down to its steady need at once,
+    draining busy workers (they finish their action first), instead of holding 60 until
+    the burst's actions have finished. The next tick, with those workers draining, it
+    does not grow back for the actions they still run (it may take one more step down:
+    continuing a move needs only the narrow follow band)."""
+    pool = attrs.evolve(POOL, scale_down_cooldown_s=0)
+    policy = create_predictive_policy(PredictiveOptions(), pool)
+    arrivals, _ = _fed(policy, 200, 3, 40.0, ready=13, running=8)
+    _, decision = _fed(policy, 1, 3, 40.0, start=200, arrivals=arrivals,
+                       ready=60, running=60)
+    assert decision.desired < 20, decision.reason
+    assert "releasing the busy beyond" in decision.reason
+    released = decision.desired
+    _, decision = _fed(policy, 1, 3, 40.0, start=201, arrivals=arrivals + 3,
+                       ready=released, running=60, draining=60 - released)
+    assert decision.desired <= released, decision.reason
+
+
+def test_predictive_does_not_release_busy_workers_while_actions_queue_or_workers_start():
+    pool = attrs.evolve(POOL, scale_down_cooldown_s=0)
+    for fields in ({"queued": 5}, {"starting": 3}):
+        policy = create_predictive_policy(PredictiveOptions(), pool)
+        arrivals, _ = _fed(policy, 200, 3, 40.0, ready=13, running=8)
+        _, decision = _fed(policy, 1, 3, 40.0, start=200, arrivals=arrivals,
+                           ready=60, running=60, **fields)
+        assert decision.desired >= 60, (fields, decision.reason)
+
+
+def test_predictive_band_is_narrow_along_its_last_change_and_wide_against_it():
+    options = PredictiveOptions(noise_band=2.0, follow_band=0.5)
+    policy = create_predictive_policy(options, POOL)
+    assert policy._band(+1) == policy._band(-1) == 2.0  # no change yet: wide both ways
+    policy.direction = 1
+    assert policy._band(+1) == 0.5 and policy._band(-1) == 2.0
+    policy.direction = -1
+    assert policy._band(+1) == 2.0 and policy._band(-1) == 0.5
+
+
+def test_predictive_follows_a_slow_ramp_closer_with_a_narrow_follow_band():
+    """On a slow ramp (too slow for the trend test) the pool keeps growing; with a
+    follow band narrower than the noise band it keeps closer to the estimate than with
+    the same wide band both ways."""
+    def size(follow_band: float) -> int:
+        policy = create_predictive_policy(
+            PredictiveOptions(noise_band=2.0, follow_band=follow_band), POOL)
+        arrivals, current, sizes = 0, 10, []
+        for tick in range(480):  # two hours, 0.5/s rising to 1.5/s, 30 s each
+            arrivals += round((0.5 + tick / 480) * 15)
+            decision = policy.decide(_observation(
+                tick * 15.0, ready=current, running=min(current, 15), arrivals=arrivals,
+                completions=arrivals, busy_s=arrivals * 30.0))
+            current = decision.desired
+            sizes.append(current)
+        return sum(sizes[240:])
+
+    assert size(0.5) > size(2.0)
+
+
+def test_predictive_restarts_its_level_after_a_drop_at_the_lower_recent_estimate():
+    """Once a drop of the rate from 2/s to 0.2/s is detected, the level the pool is
+    sized for restarts at the lower of the fast rate and the plain mean of the last
+    1/alpha raw rates (the fast rate still carries the old load for a while, and so does
+    the raw mean if the drop is seen within 1/alpha intervals)."""
+    policy = create_predictive_policy(PredictiveOptions(), POOL)
+    predictor = policy.predictor
+    arrivals, _ = _fed(policy, 200, 30, 10.0, ready=30, running=20)
+    restarted = None
+    for tick in range(200, 206):
+        recent = [3 / 15.0] * min(3, tick - 199) + [2.0] * max(0, 3 - (tick - 199))
+        arrivals, decision = _fed(policy, 1, 3, 10.0, start=tick, arrivals=arrivals,
+                                  ready=30, running=2)
+        if restarted is None and predictor.level_samples == 3:
+            restarted = tick
+            assert math.isclose(predictor.level, min(sum(recent) / 3, predictor.rate))
+    assert restarted is not None

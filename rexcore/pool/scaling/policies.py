@@ -159,8 +159,10 @@ class PredictiveOptions:
     until actions have finished. ``change_band``: how many standard errors the fast rate
     must leave the steady level by for the load to count as moved (the level then
     restarts there). ``noise_band``: how many standard errors of the sized rate a change
-    of the load must exceed before the pool grows or shrinks on it (the dead band that
-    keeps noise from reversing the pool).
+    of the load must exceed before the pool moves *against* its last change (the dead
+    band that keeps noise from reversing the pool). ``follow_band``: the same for a
+    further move in the direction of the last change (narrower: continuing a move is no
+    reversal, and a wide band there makes the pool lag every ramp).
     """
 
     alpha: float = attrs.field(default=0.3, validator=attrs.validators.and_(
@@ -174,7 +176,8 @@ class PredictiveOptions:
     level_alpha: float = attrs.field(default=0.025, validator=attrs.validators.and_(
         attrs.validators.gt(0), attrs.validators.le(1)))
     change_band: float = attrs.field(default=3.0, validator=attrs.validators.gt(0))
-    noise_band: float = attrs.field(default=1.5, validator=attrs.validators.ge(0))
+    noise_band: float = attrs.field(default=2.0, validator=attrs.validators.ge(0))
+    follow_band: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
 
 
 class PredictivePolicy:
@@ -187,12 +190,15 @@ class PredictivePolicy:
       ``wait_objective_s``;
     * **backlog**: the running actions plus the part of the queue a worker asked for now
       would still find when it joins, to be worked off within the objective;
-    * **running**: actions running now (a worker running one is never drained anyway).
+    * **running**: actions running now on workers that are not draining.
 
     The forecast (a significant upward trend over the start-up time, and while the load
     rises the arrivals until a worker asked now can join) may add capacity, never remove
-    it. A dead band of ``noise_band`` standard errors around the sized rate keeps noise
-    from reversing the pool; :class:`ScalingGate` applies the cooldowns.
+    it. A dead band around the sized rate keeps noise from reversing the pool
+    (``noise_band`` standard errors against the last change, ``follow_band`` along it);
+    :class:`ScalingGate` applies the cooldowns. With no queue, nothing starting and no
+    rise under way, a scale-in may go below what runs now: busy workers are drained last
+    and exit once their actions finish, instead of idling through the cooldown.
     """
 
     def __init__(self, options: PredictiveOptions, pool: PoolConfig) -> None:
@@ -210,6 +216,8 @@ class PredictivePolicy:
                                 window_s=0.0)
         #: When the arrival rate was last seen to jump up; None while it has not.
         self.rising_since: float | None = None
+        #: The direction of the last change this policy made (+1 grew, -1 shrank, 0 none).
+        self.direction = 0
 
     def decide(self, observation: PoolObservation) -> ScalingDecision:
         o, options, predictor = observation, self.options, self.predictor
@@ -217,7 +225,7 @@ class PredictivePolicy:
         service_s = predictor.service_s
         # The pool is sized for the slow, steady level of the arrival rate. Once the fast
         # rate leaves the level by more than its noise, the load has moved: the level
-        # restarts at the fast rate (an old level would lag a step for its whole memory).
+        # restarts (an old level would lag a step for its whole memory).
         fast, level = predictor.rate or 0.0, predictor.level or 0.0
         moved = abs(fast - level) > options.change_band * math.sqrt(
             max(fast, level) / self._memory_s(options.alpha))
@@ -226,8 +234,15 @@ class PredictivePolicy:
         elif self.rising_since is not None and (o.queued == 0 or (fast < level and not moved)):
             self.rising_since = None
         if moved:
-            predictor.restart_level(fast)
-            level = fast
+            # A rise restarts at the fast rate (the queue projection below covers its
+            # lag). A drop restarts at the lower of the fast rate and the plain mean of
+            # the last 1/alpha raw rates (as many samples as the fast rate is worth):
+            # the fast rate carries the old load for a minute or two, which would hold
+            # idle workers; the raw mean carries none of it unless the drop was seen
+            # within 1/alpha intervals, and then the fast rate is the lower.
+            level = fast if fast > level else min(fast, predictor.recent_rate(
+                max(1, round(1 / options.alpha))))
+            predictor.restart_level(level)
         forecast = predictor.trend() * (o.startup_s + self.interval_s)  # >= 0: only adds
         rate = level + forecast
         tail = self._tail(rate, service_s)
@@ -244,28 +259,41 @@ class PredictivePolicy:
             left = max(0.0, o.queued + (arriving - serving) * ahead_s)
         else:
             left = max(0.0, o.queued - max(0.0, serving - level) * o.startup_s)
-        backlog = o.running + left * per_queued
+        # Actions on draining workers need no slot: those workers exit once they finish
+        # (a draining worker still alive is a busy one: an idle one exits at once).
+        running = max(0, o.running - o.draining * o.slots_per_worker)
+        backlog = running + left * per_queued
         # A scale-in never leaves the current queue without its slots.
-        held = o.running + o.queued * per_queued
-        slots = max(tail, backlog, o.running)
+        held = running + o.queued * per_queued if o.queued else 0.0
+        slots = max(tail, backlog, running)
         wanted = self._workers(slots, o)
         need = {tail: "tail", backlog: "backlog"}.get(slots, "running")
         # The sized rate is noisy: grow only as far as its lower confidence bound asks,
         # and shrink only as far as its upper bound allows, so that noise alone never
         # starts a grow-shrink cycle (a queue that outlasts a start-up acts at once).
-        noise = options.noise_band * math.sqrt(
-            rate / (self.interval_s * max(predictor.level_samples, 1))
-            + rate / self._memory_s(options.service_alpha))
+        # The band is wide against the last change and narrow along it: a reversal still
+        # takes a swing of both bands together, and a ramp is followed closely.
+        unit = math.sqrt(rate / (self.interval_s * max(predictor.level_samples, 1))
+                         + rate / self._memory_s(options.service_alpha))
+        # After a burst, the workers bought for its queue may be released as they finish
+        # (see the class docstring); not while a queue, a start-up or a rise is under way.
+        # (A tail at the pool's maximum is no size the load needs: never release then.)
+        settled = (o.queued == 0 and o.starting == 0 and self.rising_since is None
+                   and tail < self.max_slots)
         if wanted > o.current:
+            noise = unit * self._band(+1)
             bounded = self._workers(max(self._tail(max(0.0, rate - noise), service_s),
-                                        backlog, o.running), o)
+                                        backlog, running), o)
             if bounded < wanted:
                 need, wanted = f"{need} (within noise: {bounded})", max(o.current, bounded)
-        elif wanted < o.current:
-            upper = self._workers(max(self._tail(rate + noise, service_s), o.running), o)
-            floor = self._workers(held, o)
+        elif wanted < o.current or settled:
+            noise = unit * self._band(-1)
+            upper = self._workers(self._tail(rate + noise, service_s), o)
+            floor = self._workers(max(held, 0 if settled else running), o)
             bounded = max(upper, floor)
-            if bounded > wanted:
+            if bounded < o.current and bounded < self._workers(running, o):
+                need, wanted = f"{need} (releasing the busy beyond {bounded})", bounded
+            elif bounded > wanted:
                 why = "within noise" if upper >= floor else "the queue keeps its slots"
                 need, wanted = f"{need} ({why}: {bounded})", min(o.current, bounded)
         if predictor.rate is None and wanted < o.current:
@@ -279,7 +307,17 @@ class PredictivePolicy:
             f"{o.queued} queued, {o.running} running, p{options.wait_quantile * 100:g} "
             f"wait objective {options.wait_objective_s:g}s)"
         )
-        return self.gate.apply(o.now, o.current, wanted, reason)
+        decision = self.gate.apply(o.now, o.current, wanted, reason)
+        if decision.desired != o.current:
+            self.direction = 1 if decision.desired > o.current else -1
+        return decision
+
+    def _band(self, direction: int) -> float:
+        """Standard errors of dead band for a move in ``direction``: narrow along the
+        last change, wide against it (and before the first one)."""
+        if self.direction == direction:
+            return self.options.follow_band
+        return self.options.noise_band
 
     def _memory_s(self, alpha: float) -> float:
         """The window whose plain mean is as noisy as an EWMA of per-interval figures."""

@@ -59,6 +59,10 @@ class LoadPredictor:
         memory, or fewer since it (re)started."""
         return min(self._level_samples, (2 - self.level_alpha) / self.level_alpha)
 
+    def recent_rate(self, samples: int) -> float:
+        recent = list(self._samples)[-samples:]
+        return sum(r for _, r in recent) / len(recent) if recent else (self.rate or 0.0)
+
     def restart_level(self, rate: float) -> None:
         """The load has moved: forget the old steady level and start again at ``rate``
         (the fast rate, worth about ``1 / alpha`` samples). Until the level's memory
