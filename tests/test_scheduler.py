@@ -231,6 +231,34 @@ async def test_failed_results_are_not_cached(plugin_manager, tmp_path):
         assert not (await client.execute(digest)).done
 
 
+async def test_an_operation_without_the_native_cache_neither_reads_nor_writes_it(
+    plugin_manager, tmp_path
+):
+    """A protocol with its own action cache (rex-reapi) submits with native_cache=False;
+    an identical native submission merged into the same run still gets its entry."""
+    async with coordinator(plugin_manager, tmp_path / "data") as (running, client):
+        scheduler = running.runtime.scheduler
+        digest, _ = await make_action(client.put_blob)
+        op = await scheduler.submit(digest, native_cache=False)
+        worker = FakeWorker(client, "w1")
+        await worker.sync()
+        worker.finish(op.name, result_for("w1"))
+        await worker.sync()
+        assert (await client.wait_operation(op.name, 10)).status == "ok"
+        assert await client.get_action_result(digest) is None
+        cached = await client.execute(digest)  # the native way: a miss, so it runs
+        assert not cached.done
+        again = await scheduler.submit(digest, native_cache=False)  # merges into it
+        assert again.execution == cached.name
+        await worker.sync()
+        worker.finish_all()
+        await worker.sync()
+        assert (await client.wait_operation(cached.name, 10)).status == "ok"
+        assert await client.get_action_result(digest) is not None
+        hit = await scheduler.submit(digest, native_cache=False)  # looks nowhere
+        assert not hit.cached and hit.state == "queued"
+
+
 # -- timeouts and cancellation ------------------------------------------------------------
 
 

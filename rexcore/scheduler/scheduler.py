@@ -141,6 +141,8 @@ class _Execution:
     grace_until: float | None = None
     queue_version: int = 0
     last_error: str = ""
+    #: Whether its result goes into rex's action cache (see ``Scheduler.submit``).
+    native_cache: bool = True
 
     @property
     def platform(self) -> _Platform:
@@ -286,6 +288,7 @@ class Scheduler:
         skip_cache_lookup: bool = False,
         blobs: Mapping[Digest, bytes] | None = None,
         blobs_stored: asyncio.Future[None] | None = None,
+        native_cache: bool = True,
     ) -> Operation:
         """Queue an execution of the action ``action_digest`` (already in the CAS).
 
@@ -297,6 +300,11 @@ class Scheduler:
         them back. If the caller is still storing them, ``blobs_stored`` resolves once it
         has (raising a StorageError if it could not): the operation is persisted
         meanwhile and queued only then, since workers read the input root from the CAS.
+        ``native_cache=False`` is for a protocol that keeps an action cache of its own
+        (rex-reapi caches REAPI results by the REAPI action digest): the operation neither
+        looks in rex's action cache nor adds its result to it (unless an identical action
+        merged with it wants that), and its Action and Command need not be in the CAS when
+        ``blobs`` carry them (workers get both with the assignment).
         """
         self._check_running()
         action, action_bytes, command, command_bytes = await self._read_action(
@@ -314,7 +322,7 @@ class Scheduler:
             skip_cache_lookup=skip_cache_lookup,
         )
         cache_enabled = self.runtime.config.storage.action_cache.enabled
-        if not skip_cache_lookup and not action.do_not_cache and cache_enabled:
+        if native_cache and not skip_cache_lookup and not action.do_not_cache and cache_enabled:
             self._counters.cache_lookups += 1
             cached = await self.runtime.action_cache.get(action_digest)
             if cached is not None:
@@ -325,6 +333,7 @@ class Scheduler:
         self._check_running()
         shared = self._in_flight.get(action_digest) if not action.do_not_cache else None
         if shared is not None:
+            shared.native_cache = shared.native_cache or native_cache
             return await self._merge(op, shared)
         if len(self._queued) + self._being_queued >= self.config.max_queued:
             raise QueueFullError(
@@ -336,6 +345,7 @@ class Scheduler:
             name=op.name, action_digest=action_digest, action=action, command=command,
             action_bytes=action_bytes, command_bytes=command_bytes, timeout_s=timeout_s,
             priority=priority, seq=self._seq, queued_at=op.queued_at, operations=[op],
+            native_cache=native_cache,
         )
         op.execution = execution.name
         self._executions[execution.name] = execution
@@ -659,7 +669,7 @@ class Scheduler:
                 )
             cache = self.runtime.config.storage.action_cache.enabled
             caching = None
-            if result.exit_code == 0 and execution.cacheable and cache:
+            if result.exit_code == 0 and execution.cacheable and execution.native_cache and cache:
                 # Written beside the scheduler's own commit; the waiters hear of the
                 # result once both are done, so an identical action submitted next hits.
                 caching = self._track(self._cache_result(

@@ -425,8 +425,9 @@ def convert_command(message: re_pb2.Command, where: str) -> tuple[rex.Command, O
 async def convert_action(
     action_digest: Digest, store: BlobStore, inputs: InputTreeConverter, max_timeout_s: float,
 ) -> ConvertedAction:
-    """Read the REAPI Action and Command, convert them and the input tree to rex's form,
-    and store the rex Action and Command in the CAS."""
+    """Read the REAPI Action and Command, convert them and the input tree to rex's form
+    (the rex input tree's Directories are stored in the CAS; the rex Action and Command
+    are only returned)."""
     function = action_digest.function
     try:
         action_bytes = await get_one(store, action_digest, inputs.recent)
@@ -458,8 +459,8 @@ async def convert_action(
     )
     native_action_bytes = rex.canonical_bytes(native_action)
     native_digest = digest_of(native_action_bytes, function)
-    await put_missing(store, {native_command_digest: native_command_bytes,
-                              native_digest: native_action_bytes})
+    # The rex Action and Command go to the scheduler with the submission (blobs()) and to
+    # workers with the assignment: they are not stored in the CAS.
     return ConvertedAction(native_digest, native_action, native_action_bytes, command,
                            native_command_bytes, layout, action.do_not_cache, native_root_bytes)
 

@@ -170,6 +170,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
                 priority=request.execution_policy.priority,
                 skip_cache_lookup=request.skip_cache_lookup,
                 blobs=converted.blobs(),
+                native_cache=False,  # REAPI results are cached by the REAPI digest
             )
         except MissingInputsError as exc:
             raise missing_blobs_error(exc.missing, "action") from None
