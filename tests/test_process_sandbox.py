@@ -166,6 +166,84 @@ async def test_the_resident_spawner_starts_actions_as_children_of_the_worker(exe
 
 
 @linux_only
+@pytest.mark.parametrize("inline", [True, False], ids=["in-the-message", "in-a-memfd"])
+async def test_the_spawner_passes_environments_big_and_small_exactly(exec_root, inline):
+    """Requests up to 64 KiB travel in the spawner's message, bigger ones (and all, for a
+    helper that only knows memfds) in a memfd: the environment arrives exactly."""
+    sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=False, user="self"))
+    if sandbox._helper is None:
+        pytest.skip("no C compiler to build the rex-spawn helper")
+    try:
+        await sandbox.run(request(exec_root, "/bin/true"))  # starts the spawner
+        assert sandbox._spawner is not None and sandbox._spawner.inline
+        sandbox._spawner.inline = inline
+        for size in (10, 120_000):  # a string of execve takes at most 128 KiB
+            env = {"A": "1 two", "BIG": "x" * size, "EMPTY": ""}
+            result = await sandbox.run(request(exec_root, "/usr/bin/env", env=env))
+            assert result.exit_code == 0, out(exec_root, "stderr")
+            assert out(exec_root) == b"A=1 two\nBIG=" + b"x" * size + b"\nEMPTY=\n"
+            assert sandbox._spawner is not None and sandbox._spawner.inline == inline
+    finally:
+        await sandbox.close()
+
+
+async def test_a_file_that_cannot_be_executed_is_exit_126_with_a_message(sandbox, exec_root):
+    data = exec_root / "data.txt"
+    data.write_text("not a program\n")
+    data.chmod(0o644)
+    result = await sandbox.run(request(exec_root, "./data.txt"))
+    assert result.exit_code == 126
+    assert b"data.txt" in out(exec_root, "stderr")
+    assert "cannot execute" in result.message
+
+
+@linux_only
+async def test_many_actions_in_a_row_leave_no_process_behind(exec_root):
+    sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=False, user="self"))
+    if sandbox._helper is None:
+        pytest.skip("no C compiler to build the rex-spawn helper")
+    try:
+        for number in range(50):
+            result = await sandbox.run(request(exec_root, "/bin/sh", "-c", f"exit {number % 3}"))
+            assert result.exit_code == number % 3
+        spawner = sandbox._spawner
+        assert spawner is not None
+        me = os.getpid()
+        children = {int(pid) for pid in Path(f"/proc/{me}/task/{me}/children").read_text().split()}
+        assert spawner.pid in children
+        # No helper (a clone of the spawner) outlived its action.
+        assert not [pid for pid in children - {spawner.pid} if alive(pid) and _is_rex_spawn(pid)]
+    finally:
+        await sandbox.close()
+
+
+def _is_rex_spawn(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return b"rex-spawn" in file.read()
+    except OSError:
+        return False
+
+
+def test_proc_files_are_read_whole_with_pread(tmp_path):
+    from rexcore.sandbox.process import _pread_all, _proc_stat, _read_proc
+
+    big = tmp_path / "big"
+    big.write_bytes(bytes(range(256)) * 1000)  # more than one read's buffer
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        assert _pread_all(fd) == big.read_bytes()
+        assert _pread_all(fd) == big.read_bytes()  # again, from the start
+    finally:
+        os.close(fd)
+    assert _read_proc(str(tmp_path / "missing")) is None
+    if sys.platform.startswith("linux"):
+        state, parent, _ = _proc_stat(os.getpid())
+        assert state in "RS" and parent == os.getppid()
+        assert _proc_stat(2**22 + 12345) is None
+
+
+@linux_only
 async def test_a_prebuilt_helper_without_a_spawner_mode_still_runs_actions(exec_root, tmp_path):
     sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=False, user="self"))
     if sandbox._helper is None:
@@ -348,6 +426,51 @@ def test_the_worker_kills_daemons_left_behind_by_a_finished_action(tmp_path):
     code, daemon = map(int, done.stdout.split())
     assert code == 0
     assert gone(daemon)
+
+
+@linux_only
+def test_daemons_are_killed_when_actions_run_on_a_loop_in_another_thread(tmp_path):
+    """The sweep reads the children of the thread group leader and of the threads that
+    start actions: with the event loop in a thread of its own, a finished action's
+    daemon is still found and killed; the resident spawner (a child of that thread, in
+    the worker's session) is left alone and serves the next action."""
+    script = textwrap.dedent(f"""
+        import asyncio, os, sys, threading
+        from pathlib import Path
+        from rexcore.sandbox.interface import SandboxRequest
+        from rexcore.sandbox.process import ProcessSandbox, ProcessSandboxOptions
+        from rexcore.serialization.sandbox_spec import SandboxSpec
+
+        async def main():
+            root = Path({str(tmp_path)!r})
+            sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=True, user="self"))
+            daemons = []
+            spawners = []
+            for number in range(2):
+                pid_file = root / f"daemon{{number}}.pid"
+                command = ("setsid sh -c 'sleep 300 & echo $! > " + str(pid_file) + "' & "
+                           "while [ ! -s " + str(pid_file) + " ]; do sleep 0.01; done")
+                result = await sandbox.run(SandboxRequest(
+                    exec_root=root, arguments=("/bin/sh", "-c", command), environment=(),
+                    working_directory="", spec=SandboxSpec(), stdout_path=root / "out",
+                    stderr_path=root / "err"))
+                assert result.exit_code == 0, (root / "err").read_text()
+                daemons.append(int(pid_file.read_text()))
+                spawners.append(sandbox._spawner and sandbox._spawner.pid)
+            print(*daemons, *spawners)
+            await sandbox.close()
+
+        thread = threading.Thread(target=lambda: asyncio.run(main()))
+        thread.start()
+        thread.join()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    assert done.returncode == 0, done.stderr
+    first, second, spawner, same_spawner = map(int, done.stdout.split())
+    assert gone(first) and gone(second)
+    if spawner:  # with a C compiler: the same spawner served both actions
+        assert same_spawner == spawner
 
 
 # -- choosing a sandbox ---------------------------------------------------------------

@@ -58,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import math
 import os
@@ -96,9 +97,15 @@ _REPORT_FD = 3
 _CPU_COUNT = os.cpu_count() or 1
 # How long the resident spawner may take to answer (it only forks).
 _SPAWNER_TIMEOUT_S = 30.0
+# Requests up to this size go to the spawner in the message itself (rex_spawn.c's
+# INLINE_MAX), bigger ones in a memfd.
+_INLINE_REQUEST = 65536
 # How long finishing keeps SIGKILLing a tree that will not go away (processes stuck in
 # uninterruptible sleep) before it gives up and says so.
 _KILL_PATIENCE_S = 30.0
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+# /proc reads: the buffer, and how near its end a read may stop while text is left.
+_PROC_READ, _PROC_MARGIN = 65536, 1024
 _SPAWNER_SUPPORTED = (_LINUX and hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
                       and hasattr(os, "posix_spawn"))
 
@@ -132,12 +139,40 @@ def probe_process_sandbox() -> ProbeResult:
 # -- /proc: process trees on Linux -----------------------------------------------------
 
 
+def _read_proc(path: str) -> bytes | None:
+    """A /proc file's text, or None if it cannot be read (its process or thread is gone).
+    Plain ``os`` calls: ``open()`` costs twice the system calls (fstat, ioctl, lseek)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _pread_all(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _pread_all(fd: int) -> bytes:
+    """Everything in a /proc file from its start (a seq_file is generated afresh by a
+    read at offset 0, so an fd kept open can be read again and again). A read stops
+    short of the buffer's end only at the end of the text, or when the next record (a
+    line of stat, a pid of children: far less than the margin) does not fit."""
+    data = os.pread(fd, _PROC_READ, 0)
+    if len(data) < _PROC_READ - _PROC_MARGIN:
+        return data
+    chunks, offset = [data], len(data)
+    while chunk := os.pread(fd, _PROC_READ, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
 def _proc_stat(pid: int) -> tuple[str, int, int] | None:
     """``(state, ppid, starttime)`` of a process, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            data = file.read()
-    except OSError:
+    data = _read_proc(f"/proc/{pid}/stat")
+    if not data:
         return None
     fields = data[data.rindex(b")") + 2 :].split()
     return fields[0].decode(), int(fields[1]), int(fields[19])
@@ -163,11 +198,9 @@ def _children(pid: int) -> list[int]:
         return []
     found: list[int] = []
     for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children", "rb") as file:
-                found.extend(int(word) for word in file.read().split())
-        except OSError:
-            continue
+        data = _read_proc(f"/proc/{pid}/task/{task}/children")
+        if data:
+            found.extend(map(int, data.split()))
     return found
 
 
@@ -245,11 +278,24 @@ class _Tree:
 
 class _Orphans:
     """Which children of this process are actions' first processes, and the sweep that
-    kills any other child re-parented here (when this process is a subreaper)."""
+    kills any other child re-parented here (when this process is a subreaper).
+
+    Where a re-parented process lands: the kernel gives an orphan to the first live
+    thread of the subreaper (``find_alive_thread``: the thread group leader) since Linux
+    4.1, and before that to the very thread whose child died (``real_parent``), which
+    for an action's first process is the thread that started it or, through
+    ``CLONE_PARENT``, the resident spawner. So the sweep reads the children of the leader
+    and of the threads that ever started one of those (:meth:`starting`), not of every
+    thread; the leader's list through a descriptor kept open (one ``pread`` a sweep)."""
 
     def __init__(self) -> None:
         self.tops: set[int] = set()
+        #: Other children of this process that are known not to be leftovers (resident
+        #: spawners): skipped without a look at their session.
+        self.own: set[int] = set()
         self.adopting = False
+        self._starters: set[int] = set()
+        self._leader: tuple[int, int] | None = None  # (pid, fd of its children file)
 
     def adopt(self) -> None:
         if self.adopting or not _LINUX:
@@ -261,18 +307,54 @@ class _Orphans:
             return
         self.adopting = True
 
+    def starting(self) -> None:
+        """The calling thread is about to start an action's first process or a spawner."""
+        tid = threading.get_native_id()
+        if tid not in self._starters:
+            self._starters.add(tid)
+
+    def _children(self, me: int) -> list[int]:
+        """The children of this process's leader and of the threads that start actions."""
+        global _CHILDREN_FILES
+        if _CHILDREN_FILES is None:
+            _CHILDREN_FILES = _children_files_exist()
+        if not _CHILDREN_FILES:
+            return _children_by_scan(me)
+        found: list[int] = []
+        leader = self._leader
+        if leader is None or leader[0] != me:  # first use, or a fork's child
+            try:
+                fd = os.open(f"/proc/{me}/task/{me}/children", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return _children(me)
+            leader = self._leader = (me, fd)
+        try:
+            found.extend(map(int, _pread_all(leader[1]).split()))
+        except OSError:
+            return _children(me)
+        for tid in list(self._starters):
+            if tid != me:
+                data = _read_proc(f"/proc/{me}/task/{tid}/children")
+                if data is None:
+                    self._starters.discard(tid)  # the thread is gone
+                elif data:
+                    found.extend(map(int, data.split()))
+        return found
+
     async def sweep(self) -> None:
         """Kill and reap every child that is neither an action's first process nor in
         this process's own session. Finding and signalling happen without a pause, so no
         action can be started (and be mistaken for an orphan) in between."""
-        me, my_session = os.getpid(), os.getsid(0)
+        me, my_session = os.getpid(), None
         deadline = time.monotonic() + _KILL_PATIENCE_S
         while True:
             orphans = []
-            for pid in _children(me):
-                if pid in self.tops:
+            for pid in self._children(me):
+                if pid in self.tops or pid in self.own:
                     continue
                 try:
+                    if my_session is None:
+                        my_session = os.getsid(0)
                     if os.getsid(pid) == my_session:
                         continue  # started by this process itself, not left by an action
                 except OSError:
@@ -406,6 +488,8 @@ def _read_report(fd: int) -> dict[str, list[str]]:
     with contextlib.suppress(OSError):
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
+            if chunk.startswith(b"done ") or b"\ndone " in chunk:
+                break  # the helper's last word: no need to read up to the end
     os.close(fd)
     report: dict[str, list[str]] = {}
     for line in b"".join(chunks).decode(errors="replace").splitlines():
@@ -438,10 +522,17 @@ class _Spawner:
                 (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
                 (os.POSIX_SPAWN_DUP2, 1, 2),
                 (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)])
+            _orphans.own.add(self.pid)
             theirs.close()
-            ours.settimeout(_SPAWNER_TIMEOUT_S)
+            # Blocking, with the kernel's timeouts: no poll before each send and receive.
+            try:
+                timeout = struct.pack("ll", int(_SPAWNER_TIMEOUT_S), 0)
+                ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+                ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+            except OSError:  # another layout of struct timeval: Python's timeout then
+                ours.settimeout(_SPAWNER_TIMEOUT_S)
             ready = ours.recv(16)
-            if ready != struct.pack("i", 0):
+            if ready not in (struct.pack("i", 0), struct.pack("i", 1)):
                 raise OSError(0, "it exited at once (a helper without -S?)")
         except BaseException:
             theirs.close()
@@ -449,6 +540,8 @@ class _Spawner:
             self._end()
             raise
         self.channel = ours
+        #: Requests travel in the message itself (else in a memfd: an older helper).
+        self.inline = ready == struct.pack("i", 1)
         self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         # A sandbox dropped without close(): the spawner ends with its socket, reaped here.
         self._finalizer = weakref.finalize(self, _end_spawner, ours, self.devnull, self.pid)
@@ -458,17 +551,28 @@ class _Spawner:
         """Start ``rex-spawn argv`` (its options and the command) with ``environment`` and
         ``fds`` (stdout, stderr, report); the pid of the new child of this process.
         OSError when the spawner is gone or failed (then it is of no further use)."""
-        data = b"".join([*(os.fsencode(f"{name}={value}") + b"\0"
-                           for name, value in environment), b"\0",
-                         *(os.fsencode(a) + b"\0" for a in argv)])
-        memfd = os.memfd_create("rex-spawn-request", os.MFD_CLOEXEC)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(memfd, view):]
-            socket.send_fds(self.channel, [b"a"], [memfd, self.devnull, *fds])
-        finally:
-            os.close(memfd)
+        # One encode of the whole text: what os.fsencode does to each string, at once.
+        text = "".join([*(f"{name}={value}\0" for name, value in environment), "\0",
+                        *(f"{a}\0" for a in argv)])
+        data = text.encode(_FS_ENCODING, _FS_ERRORS)
+        sent = False
+        if self.inline and len(data) <= _INLINE_REQUEST:
+            try:
+                self.channel.sendmsg([b"b", data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                     struct.pack("3i", *fds))])
+                sent = True
+            except OSError as exc:
+                if exc.errno != errno.EMSGSIZE:  # a small socket buffer: a memfd below
+                    raise
+        if not sent:
+            memfd = os.memfd_create("rex-spawn-request", os.MFD_CLOEXEC)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(memfd, view):]
+                socket.send_fds(self.channel, [b"a"], [memfd, self.devnull, *fds])
+            finally:
+                os.close(memfd)
         reply = self.channel.recv(16)
         if len(reply) != 4:
             raise OSError(0, "the spawner is gone")
@@ -496,6 +600,7 @@ def _end_spawner(channel: socket.socket | None, devnull: int | None, pid: int) -
         os.kill(pid, signal.SIGKILL)  # it holds nothing; our child, so its pid is still ours
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+    _orphans.own.discard(pid)
 
 
 def _environment_problem(environment: tuple[tuple[str, str], ...],
@@ -546,7 +651,16 @@ class _Execution:
         self._status: tuple[int, Any] = (0, None)
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[None] = loop.create_future()
+        #: Called right when ``exited`` is resolved (a waiter: one turn of the event loop
+        #: sooner than a done callback of ``exited``).
+        self.on_exit: Callable[[], None] | None = None
         self._watch(loop)
+
+    def _exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+            if self.on_exit is not None:
+                self.on_exit()
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Resolve ``exited`` when the process has exited but is not reaped yet, so its
@@ -560,8 +674,7 @@ class _Execution:
                 def exited() -> None:
                     loop.remove_reader(fd)
                     os.close(fd)
-                    if not self.exited.done():
-                        self.exited.set_result(None)
+                    self._exited()
 
                 loop.add_reader(fd, exited)
                 return
@@ -573,9 +686,7 @@ class _Execution:
                 else:
                     self.popen.wait()
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                loop.call_soon_threadsafe(
-                    lambda: self.exited.done() or self.exited.set_result(None)
-                )
+                loop.call_soon_threadsafe(self._exited)
 
         threading.Thread(target=wait, name=f"rex-process-{self.pid}", daemon=True).start()
 
@@ -775,6 +886,7 @@ class ProcessSandbox:
         argv = list(request.arguments)
         kwargs: dict[str, Any] = {}
         report_fd = None
+        _orphans.starting()
         if self._helper is not None:
             report_fd, write_fd = os.pipe()
             os.set_blocking(report_fd, False)
@@ -984,14 +1096,14 @@ class ProcessSandbox:
                 if not woken.done():
                     woken.set_result(None)
 
-            exited.add_done_callback(wake)
+            execution.on_exit = wake
             timer = None if timeout_s is None else woken.get_loop().call_later(timeout_s, wake)
             try:
                 await woken
             finally:
                 if timer is not None:
                     timer.cancel()
-                exited.remove_done_callback(wake)
+                execution.on_exit = None
         if exited.done():
             return False
         await execution.stop()

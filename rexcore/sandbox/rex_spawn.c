@@ -23,15 +23,18 @@
  *
  *   -S  (Linux) serve: stay resident and start each action by forking, which costs far
  *       less than an exec of this helper. Per action the worker sends one message on the
- *       SOCK_SEQPACKET socket at this fd with five descriptors: a memfd holding the
- *       action's environment ("NAME=value" strings, each NUL-terminated), an empty
- *       string, then the options and argv above (-r3 ... -- argv...), and stdin, stdout,
- *       stderr and the report pipe. The fork is made with CLONE_PARENT, so the action's
- *       process is the worker's own child (the worker waits for it and owns its pid until
- *       it reaps it); it starts a session of its own, moves the descriptors to 0-3 and
- *       goes on as if started with those options. The reply is the child's pid (int32),
- *       or -errno; the first message sent is 0, once ready. End of file on the socket
- *       ends the spawner; so does the worker's death (PR_SET_PDEATHSIG).
+ *       SOCK_SEQPACKET socket at this fd. Its request is the action's environment
+ *       ("NAME=value" strings, each NUL-terminated), an empty string, then the options
+ *       and argv above (-r3 ... -- argv...), either in the message itself, after the
+ *       byte 'b', with three descriptors: stdout, stderr and the report pipe (stdin is
+ *       this process's own, /dev/null); or, after the byte 'a', in a memfd sent first of
+ *       five descriptors: the memfd, stdin, stdout, stderr and the report pipe. The fork
+ *       is made with CLONE_PARENT, so the action's process is the worker's own child (the
+ *       worker waits for it and owns its pid until it reaps it); it starts a session of
+ *       its own, moves the descriptors to 0-3 and goes on as if started with those
+ *       options. The reply is the child's pid (int32), or -errno; the first message sent
+ *       is 1 once ready (a helper that takes only 'a' messages sent 0). End of file on
+ *       the socket ends the spawner; so does the worker's death (PR_SET_PDEATHSIG).
  *
  * The usage reported is RUSAGE_CHILDREN once the command is reaped: the command and the
  * descendants that were waited for, not the worker whose memory the helper was forked
@@ -51,6 +54,7 @@
 #include <sys/resource.h>
 #include <sys/time.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #ifdef __linux__
@@ -78,31 +82,18 @@ static long long micros(struct timeval t) {
 }
 
 #ifdef __linux__
-enum { SERVE_FDS = 5 };  /* arguments, stdin, stdout, stderr, report */
+enum { SERVE_FDS = 5 };  /* 'a': arguments, stdin, stdout, stderr, report */
+enum { INLINE_FDS = 3 };  /* 'b': stdout, stderr, report */
+/* The largest request sent in the message itself (the worker sends bigger ones in a memfd). */
+enum { INLINE_MAX = 65536 };
+static char inline_request[1 + INLINE_MAX];
 
-/* The environment and argv of one action from its memfd (see -S); argv[0] is this
- * program's name, so option parsing goes on as for a command line. */
-static char **read_request(int fd, int *argc) {
-    struct stat info;
-    if (fstat(fd, &info) != 0 || info.st_size <= 0)
-        setup_failed("reading the request", errno ? errno : EINVAL);
-    size_t size = (size_t)info.st_size;
-    char *text = malloc(size + 1);
-    if (text == NULL)
-        setup_failed("reading the request", ENOMEM);
-    size_t done = 0;
-    while (done < size) {
-        ssize_t n = pread(fd, text + done, size - done, (off_t)done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            setup_failed("reading the request", n < 0 ? errno : EIO);
-        done += (size_t)n;
-    }
-    close(fd);
-    if (text[size - 1] != '\0')
+/* The environment and argv of one action from the request text (see -S; NUL-terminated
+ * strings, text[size - 1] is a NUL); argv[0] is this program's name, so option parsing
+ * goes on as for a command line. */
+static char **parse_request(char *text, size_t size, int *argc) {
+    if (size == 0 || text[size - 1] != '\0')
         setup_failed("malformed request", EINVAL);
-    text[size] = '\0';
     size_t strings = 0;
     for (size_t k = 0; k < size; k++)
         strings += text[k] == '\0';
@@ -126,16 +117,38 @@ static char **read_request(int fd, int *argc) {
     return args;
 }
 
+/* The request from its memfd ('a'). */
+static char **read_request(int fd, int *argc) {
+    struct stat info;
+    if (fstat(fd, &info) != 0 || info.st_size <= 0)
+        setup_failed("reading the request", errno ? errno : EINVAL);
+    size_t size = (size_t)info.st_size;
+    char *text = malloc(size + 1);
+    if (text == NULL)
+        setup_failed("reading the request", ENOMEM);
+    size_t done = 0;
+    while (done < size) {
+        ssize_t n = pread(fd, text + done, size - done, (off_t)done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            setup_failed("reading the request", n < 0 ? errno : EIO);
+        done += (size_t)n;
+    }
+    close(fd);
+    text[size] = '\0';
+    return parse_request(text, size, argc);
+}
+
 /* The spawner's loop; returns only in a forked child, with that action's argv. */
 static char **serve(int sock, int *argc) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);
-    int32_t ready = 0;
+    int32_t ready = 1;
     if (send(sock, &ready, sizeof ready, MSG_NOSIGNAL) != sizeof ready)
         _exit(1);
     for (;;) {
-        char byte;
         union { struct cmsghdr header; char space[CMSG_SPACE(sizeof(int) * SERVE_FDS)]; } control;
-        struct iovec iov = {&byte, 1};
+        struct iovec iov = {inline_request, sizeof inline_request};
         struct msghdr msg = {0};
         msg.msg_iov = &iov;
         msg.msg_iovlen = 1;
@@ -160,24 +173,37 @@ static char **serve(int sock, int *argc) {
                         close(fd);
                 }
             }
+        int inline_kind = inline_request[0] == 'b';
+        int wanted = inline_kind ? INLINE_FDS : SERVE_FDS;
         int32_t reply = -EINVAL;
-        if (received == SERVE_FDS && !(msg.msg_flags & MSG_CTRUNC)) {
+        if (received == wanted && !(msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC))
+                && (inline_kind || (n == 1 && inline_request[0] == 'a'))) {
             long pid = syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, 0, 0, 0);
             if (pid == 0) {
                 close(sock);
-                /* Moved high first, so that no dup2 below overwrites one still to move. */
-                for (int k = 0; k < SERVE_FDS; k++)
-                    if ((fds[k] = fcntl(fds[k], F_DUPFD_CLOEXEC, 64)) < 0)
+                /* stdin (for 'b' fd 0 as it is: /dev/null), stdout, stderr, report. */
+                int io[4] = {-1, -1, -1, -1};
+                for (int k = 0; k < wanted - (inline_kind ? 0 : 1); k++)
+                    io[k + (inline_kind ? 1 : 0)] = fds[k + (inline_kind ? 0 : 1)];
+                /* Moved high first if need be, so that no dup2 below overwrites one still
+                 * to move (received descriptors normally lie above 0-3, taken here). */
+                int low = 0;
+                for (int k = 0; k < 4; k++)
+                    low |= io[k] >= 0 && io[k] <= 3;
+                for (int k = 0; low && k < 4; k++)
+                    if (io[k] >= 0 && (io[k] = fcntl(io[k], F_DUPFD_CLOEXEC, 64)) < 0)
                         _exit(125);
-                if (dup2(fds[4], 3) != 3)
+                if (dup2(io[3], 3) != 3)
                     _exit(125);
                 report_fd = 3;
-                if (dup2(fds[1], 0) != 0 || dup2(fds[2], 1) != 1 || dup2(fds[3], 2) != 2)
+                if ((io[0] >= 0 && dup2(io[0], 0) != 0) || dup2(io[1], 1) != 1
+                        || dup2(io[2], 2) != 2)
                     setup_failed("passing descriptors on", errno);
-                for (int k = 1; k < SERVE_FDS; k++)
-                    close(fds[k]);
+                /* The received descriptors are close-on-exec: the command never has them. */
                 if (setsid() < 0)
                     setup_failed("setsid", errno);
+                if (inline_kind)
+                    return parse_request(inline_request + 1, (size_t)n - 1, argc);
                 return read_request(fds[0], argc);
             }
             reply = pid > 0 ? (int32_t)pid : -errno;
@@ -189,6 +215,40 @@ static char **serve(int sock, int *argc) {
     }
 }
 #endif
+
+/* Start the command as a child; its pid, or -1 with errno. */
+static pid_t start_command(char *const *command) {
+#ifdef __linux__
+    /* vfork: no copy of this process's page tables, torn down again at once by the exec
+     * (about a tenth of an action's process CPU). Sharing this memory until it execs, the
+     * child allocates nothing and never returns from here: execvp searches PATH on the
+     * stack (glibc 2.24 and later, musl), the failure is told with write, not stdio; the
+     * signal mask and dispositions it changes are its own. */
+    pid_t child = vfork();
+#else
+    pid_t child = fork();
+#endif
+    if (child == 0) {
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        signal(SIGPIPE, SIG_DFL);
+        signal(SIGXFSZ, SIG_DFL);
+        execvp(command[0], command);
+        int err = errno;
+        char line[32];
+        int length = snprintf(line, sizeof line, "exec %d\n", err);
+        if (report_fd >= 0 && length > 0)
+            (void)!write(report_fd, line, (size_t)length);
+        const char *reason = strerror(err);
+        struct iovec message[] = {
+            {"rex: cannot execute '", 21}, {command[0], strlen(command[0])}, {"': ", 3},
+            {(void *)reason, strlen(reason)}, {"\n", 1}};
+        (void)!writev(2, message, 5);
+        _exit(err == ENOENT ? 127 : 126);
+    }
+    return child;
+}
 
 int main(int argc, char **argv) {
     int i = 1;
@@ -239,22 +299,9 @@ int main(int argc, char **argv) {
     if (i >= argc)
         setup_failed("no command", EINVAL);
 
-    pid_t child = fork();
+    pid_t child = start_command(argv + i);
     if (child < 0)
         setup_failed("fork", errno);
-    if (child == 0) {
-        sigset_t none;
-        sigemptyset(&none);
-        sigprocmask(SIG_SETMASK, &none, NULL);
-        signal(SIGPIPE, SIG_DFL);
-        signal(SIGXFSZ, SIG_DFL);
-        execvp(argv[i], argv + i);
-        int err = errno;
-        if (report_fd >= 0)
-            dprintf(report_fd, "exec %d\n", err);
-        dprintf(2, "rex: cannot execute '%s': %s\n", argv[i], strerror(err));
-        _exit(err == ENOENT ? 127 : 126);
-    }
     signal(SIGTERM, SIG_IGN);
 
     int status = 0;

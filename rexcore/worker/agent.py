@@ -149,6 +149,7 @@ class _StreamFiles:
         self.directory = directory
         self._free: list[int] = []
         self._count = 0
+        self._paths: list[tuple[Path, Path]] = []  # by number, made once
 
     def acquire(self) -> _Streams:
         if self._free:
@@ -156,8 +157,9 @@ class _StreamFiles:
         else:
             number = self._count
             self._count += 1
-        stem = self.directory / str(number)
-        return _Streams(number, (stem.with_suffix(".stdout"), stem.with_suffix(".stderr")))
+            stem = self.directory / str(number)
+            self._paths.append((stem.with_suffix(".stdout"), stem.with_suffix(".stderr")))
+        return _Streams(number, self._paths[number])
 
     def release(self, streams: _Streams) -> None:
         for path in streams.paths:
@@ -256,6 +258,7 @@ class WorkerAgent:
         self._sleeper: asyncio.Future[None] | None = None
         self._lease_s = 30.0
         self._joined = False
+        self._specs: dict[tuple[Any, ...], SandboxSpec] = {}
 
     @property
     def shares_store(self) -> bool:
@@ -385,8 +388,7 @@ class WorkerAgent:
                 if now >= retry_at and len(calls) < 2 and (
                         news or idle_and_able or (not calls and now >= heartbeat)):
                     request = self._request()
-                    call = asyncio.ensure_future(self.client.synchronize(request))
-                    call.add_done_callback(self._rouse)
+                    call = asyncio.ensure_future(self._synchronize(request))
                     calls[call] = request
                     news, last_call = False, now
                     heartbeat = now + self._lease_s / 3
@@ -436,6 +438,14 @@ class WorkerAgent:
                 call.cancel()
             if calls:
                 await asyncio.wait(set(calls))
+
+    async def _synchronize(self, request: SyncRequest) -> SyncResponse:
+        """One call; its end rouses the loop from within the call's last step, one turn
+        of the event loop sooner than a done callback of its task would."""
+        try:
+            return await self.client.synchronize(request)
+        finally:
+            self._rouse()
 
     def _wake(self) -> None:
         """There is news for the coordinator (an action finished, a drain began)."""
@@ -618,6 +628,18 @@ class WorkerAgent:
         return wanted
 
     def _spec(self, assignment: Assignment) -> SandboxSpec:
+        """The sandbox spec of an assignment's platform properties and timeout (the same
+        few come again and again: remembered)."""
+        key = (assignment.action.platform, assignment.timeout_s)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self._make_spec(assignment)
+            if len(self._specs) >= 256:
+                self._specs.clear()
+            self._specs[key] = spec
+        return spec
+
+    def _make_spec(self, assignment: Assignment) -> SandboxSpec:
         properties = dict(assignment.action.platform)
         memory = cpus = pids = None
         try:
