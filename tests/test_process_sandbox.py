@@ -136,11 +136,17 @@ async def test_actions_start_with_default_signal_dispositions(sandbox, exec_root
         assert int(fields["SigBlk"], 16) == 0
 
 
-@linux_only
-async def test_the_resident_spawner_starts_actions_as_children_of_the_worker(exec_root):
+def _helper_sandbox() -> ProcessSandbox:
+    """A sandbox that starts actions through the rex-spawn helper (skips without one)."""
     sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=False, user="self"))
     if sandbox._helper is None:
         pytest.skip("no C compiler to build the rex-spawn helper")
+    return sandbox
+
+
+@linux_only
+async def test_the_resident_spawner_starts_actions_as_children_of_the_worker(exec_root):
+    sandbox = _helper_sandbox()
     try:
         script = "echo $PPID; cut -d' ' -f4 /proc/$PPID/stat"  # the helper, its parent
         result = await sandbox.run(request(exec_root, "/bin/sh", "-c", script,
@@ -170,9 +176,7 @@ async def test_the_resident_spawner_starts_actions_as_children_of_the_worker(exe
 async def test_the_spawner_passes_environments_big_and_small_exactly(exec_root, inline):
     """Requests up to 64 KiB travel in the spawner's message, bigger ones (and all, for a
     helper that only knows memfds) in a memfd: the environment arrives exactly."""
-    sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=False, user="self"))
-    if sandbox._helper is None:
-        pytest.skip("no C compiler to build the rex-spawn helper")
+    sandbox = _helper_sandbox()
     try:
         await sandbox.run(request(exec_root, "/bin/true"))  # starts the spawner
         assert sandbox._spawner is not None and sandbox._spawner.inline
@@ -199,9 +203,7 @@ async def test_a_file_that_cannot_be_executed_is_exit_126_with_a_message(sandbox
 
 @linux_only
 async def test_many_actions_in_a_row_leave_no_process_behind(exec_root):
-    sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=False, user="self"))
-    if sandbox._helper is None:
-        pytest.skip("no C compiler to build the rex-spawn helper")
+    sandbox = _helper_sandbox()
     try:
         for number in range(50):
             result = await sandbox.run(request(exec_root, "/bin/sh", "-c", f"exit {number % 3}"))
@@ -245,9 +247,7 @@ def test_proc_files_are_read_whole_with_pread(tmp_path):
 
 @linux_only
 async def test_a_prebuilt_helper_without_a_spawner_mode_still_runs_actions(exec_root, tmp_path):
-    sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=False, user="self"))
-    if sandbox._helper is None:
-        pytest.skip("no C compiler to build the rex-spawn helper")
+    sandbox = _helper_sandbox()
     # An older helper: refuses -S as an unknown option.
     old = tmp_path / "old-rex-spawn"
     old.write_text(f"#!/bin/sh\ncase \"$1\" in -S*) exit 125;; esac\nexec {sandbox._helper} \"$@\"\n")
@@ -293,9 +293,7 @@ async def test_cpu_time_and_peak_memory_are_reported(sandbox, exec_root):
 
 
 async def test_peak_memory_through_the_helper_is_the_actions_not_the_workers(exec_root):
-    sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=False, user="self"))
-    if sandbox._helper is None:
-        pytest.skip("no C compiler to build the rex-spawn helper")
+    sandbox = _helper_sandbox()
     ballast = bytearray(300 << 20)  # the worker grows; a forked child would be charged
     ballast[::4096] = b"x" * len(ballast[::4096])
     result = await sandbox.run(request(exec_root, "/bin/true"))
