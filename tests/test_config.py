@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -54,6 +56,20 @@ def test_bad_values_are_each_reported_with_their_paths(tmp_path):
     assert "$.storage.digest_functions[1]" in text and "md5" in text
     assert "$.storage.action_cache.enabled" in text
     assert "$.logging" in text and "unknown log level 'loud'" in text
+
+
+def test_an_unknown_event_loop_is_a_config_error_and_the_worker_refuses_it(tmp_path):
+    path = _write(tmp_path, 'event_loop = "twisted"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = "\n".join(info.value.problems)
+    assert "event_loop must be one of auto, asyncio, uvloop, got 'twisted'" in text
+    worker = subprocess.run(
+        [sys.executable, "-m", "rexcore.cli.rexd", "worker", "--coordinator",
+         "http://127.0.0.1:9", "--config", str(path), "--data-dir", str(tmp_path / "w")],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert worker.returncode == 2
+    assert "event_loop must be one of auto, asyncio, uvloop, got 'twisted'" in worker.stderr
 
 
 def test_invalid_toml_names_the_file_and_line(tmp_path):

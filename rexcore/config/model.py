@@ -118,7 +118,7 @@ class RexConfig:
     """
 
     data_dir: str = ""
-    event_loop: str = attrs.field(default="auto", validator=attrs.validators.in_(EVENT_LOOPS))
+    event_loop: str = attrs.field(default="auto")
     plugins: PluginsConfig = attrs.field(factory=PluginsConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
     protocols: dict[str, dict[str, Any]] = attrs.field(factory=dict)
@@ -127,6 +127,11 @@ class RexConfig:
     pool: PoolConfig = attrs.field(factory=PoolConfig)
     sandboxes: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
+
+    @event_loop.validator
+    def _known_loop(self, _attribute: attrs.Attribute, value: str) -> None:
+        if value not in EVENT_LOOPS:
+            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {value!r}")
 
     @property
     def data_path(self) -> Path:
