@@ -30,6 +30,7 @@ __all__ = [
     "TempFile",
     "fsync_directory",
     "link_new",
+    "publish_temp",
     "remove_file",
     "remove_stale_temps",
     "replace_atomically",
@@ -245,22 +246,38 @@ def write_new_file(
     temp = TempFile(temp_dir, os.path.basename(target))
     try:
         temp.write(data)
-        if mode is not None:
-            if os.name == "posix":
-                os.fchmod(temp.fd, mode)
-            else:
-                temp.make_read_only()  # the one mode Windows knows
-        if stamp_ns is not None:
-            temp.set_mtime(stamp_ns)
-        if fsync:
-            os.fsync(temp.fd)
-        if replace:
-            replace_atomically(temp, target)
-            added = True
-        else:
-            added = link_new(temp.path, target)
-        if added and fsync:
-            fsync_directory(os.path.dirname(target))
-        return added
+        return publish_temp(temp, target, mode=mode, stamp_ns=stamp_ns, fsync=fsync,
+                            replace=replace)
     finally:
         temp.remove()
+
+
+def publish_temp(
+    temp: TempFile,
+    target: str,
+    *,
+    mode: int | None = None,
+    stamp_ns: int | None = None,
+    fsync: bool = False,
+    replace: bool = False,
+) -> bool:
+    """Give the written ``temp`` its ``mode`` and ``stamp_ns`` (as in
+    :func:`write_new_file`) and publish it at ``target``: whether it was (False if
+    ``target`` exists, unless ``replace``). The caller still removes ``temp``."""
+    if mode is not None:
+        if os.name == "posix":
+            os.fchmod(temp.fd, mode)
+        else:
+            temp.make_read_only()  # the one mode Windows knows
+    if stamp_ns is not None:
+        temp.set_mtime(stamp_ns)
+    if fsync:
+        os.fsync(temp.fd)
+    if replace:
+        replace_atomically(temp, target)
+        added = True
+    else:
+        added = link_new(temp.path, target)
+    if added and fsync:
+        fsync_directory(os.path.dirname(target))
+    return added

@@ -38,6 +38,7 @@ from rexcore.artifacts._files import (
     TempFile,
     fsync_directory,
     link_new,
+    publish_temp,
     remove_file,
     remove_stale_temps,
     write_new_file,
@@ -65,6 +66,10 @@ _BATCH = 2 << 20
 # Smaller or mutable ones are copied, small ones together.
 _BY_REFERENCE = 64 << 10
 _READ_CHUNK = 1 << 20
+#: Small in-memory blobs coming to at most this many bytes in all (an Action and its
+#: Command, a few Directories, a small upload) are written on the calling thread: creating
+#: a file or two costs less than the hop to a thread and back.
+INLINE_PUT = 16 << 10
 # Recency goes to disk (as mtimes) after this many uses or this many seconds.
 _RECENCY_BATCH = 1024
 _RECENCY_INTERVAL = 30.0
@@ -96,25 +101,12 @@ def _blob_path(root: str, function: DigestFunction, hash_: str) -> str:
     return os.path.join(root, function.value, hash_[:2], hash_)
 
 
-def _make_read_only(temp: TempFile, mode: int) -> None:
-    if mode == 0o444 or os.name != "posix":
-        temp.make_read_only()
-    else:
-        os.fchmod(temp.fd, mode)
-
-
 def _ensure_empty_blobs(root: str, temp_dir: str, mode: int) -> None:
     """Empty blobs exist as files too, so callers can hardlink them like any other."""
     for function in DigestFunction:
         path = _blob_path(root, function, function.empty.hash)
-        if os.path.exists(path):
-            continue
-        temp = TempFile(temp_dir, function.empty.hash)
-        try:
-            _make_read_only(temp, mode)
-            link_new(temp.path, path)
-        finally:
-            temp.remove()
+        if not os.path.exists(path):
+            write_new_file(temp_dir, path, b"", mode=mode)
 
 
 def _scan(root: str, mode: int) -> tuple[list[Digest], int]:
@@ -336,16 +328,11 @@ class _DiskBlobWriter(VerifyingWriter):
 
 
 def _publish_temp(temp: TempFile, target: str, stamp: int, fsync: bool, mode: int) -> bool:
-    _make_read_only(temp, mode)
     # The stamp, not the clock, orders blobs on the next open: clocks tick coarsely.
-    temp.set_mtime(stamp)
-    if fsync:
-        os.fsync(temp.fd)
-    added = link_new(temp.path, target)
-    if fsync and added:
-        fsync_directory(os.path.dirname(target))
-    temp.remove()
-    return added
+    try:
+        return publish_temp(temp, target, mode=mode, stamp_ns=stamp, fsync=fsync)
+    finally:
+        temp.remove()
 
 
 def _put_small(
@@ -666,16 +653,16 @@ class DiskBlobStore(IndexedBlobStore):
         publish), where the streaming writer takes three."""
         await self.put_many({digest: data})
 
-    async def put_many(
-        self, blobs: Mapping[Digest, bytes | memoryview], *, inline: bool = False
-    ) -> None:
-        """Store several in-memory blobs; all the small ones in one thread hop. Raises
-        the first failure (:class:`DigestMismatchError`, :class:`StoreFullError`...);
-        the blobs that were fine are stored all the same.
+    def writes_inline(self, size: int) -> bool:
+        """Whether small blobs of ``size`` bytes in all are written on the calling thread
+        (:data:`INLINE_PUT`; never with ``fsync``, which would stall an event loop)."""
+        return size <= INLINE_PUT and not self._fsync
 
-        ``inline``: write the small ones on the calling thread instead, for a caller with
-        a few tiny blobs at hand (an execute request's Action and Command), where the hop
-        to a thread and back costs more than the writes."""
+    async def put_many(self, blobs: Mapping[Digest, bytes | memoryview]) -> None:
+        """Store several in-memory blobs; all the small ones in one thread hop, or right
+        here when they are tiny (:meth:`writes_inline`). Raises the first failure
+        (:class:`DigestMismatchError`, :class:`StoreFullError`...); the blobs that were
+        fine are stored all the same."""
         small = {
             d: data for d, data in blobs.items() if len(data) == d.size and 0 < d.size <= _SMALL_PUT
         }
@@ -695,7 +682,7 @@ class DiskBlobStore(IndexedBlobStore):
                 if dropping is not None:  # an eviction of this very blob is deleting it
                     await asyncio.wait([dropping])
             jobs = [(self._path(d), d, data, self._stamp()) for d, data in small.items()]
-            if inline:
+            if self.writes_inline(sum(map(len, small.values()))):
                 outcomes = _put_small_many(self._temp_dir, jobs, self._fsync, self._file_mode)
             else:
                 outcomes = await self._run(

@@ -13,8 +13,9 @@ A blob store maps a :class:`Digest` to immutable bytes. The contract, checked by
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -30,6 +31,8 @@ __all__ = [
     "StorageError",
     "StoreFullError",
     "StoreStats",
+    "put_blobs",
+    "put_missing",
 ]
 
 
@@ -149,3 +152,22 @@ class BlobStore(Protocol):
     async def close(self) -> None:
         """Release files and threads; the store is unusable afterwards."""
         ...
+
+
+async def put_blobs(store: BlobStore, blobs: Mapping[Digest, bytes | memoryview]) -> None:
+    """Verify and store in-memory blobs in as few trips as ``store`` allows: its
+    ``put_many`` where it has one (the disk store writes a few KiB in all right on the
+    calling thread, more in one thread hop), else one ``put`` each, concurrently."""
+    put_many = getattr(store, "put_many", None)
+    if put_many is not None:
+        await put_many(blobs)
+    else:
+        await asyncio.gather(*(store.put(digest, data) for digest, data in blobs.items()))
+
+
+async def put_missing(store: BlobStore, blobs: Mapping[Digest, bytes | memoryview]) -> None:
+    """:func:`put_blobs` of those ``blobs`` the store lacks (rewriting a held blob would
+    still create a file, only to find the blob there)."""
+    missing = await store.find_missing(blobs)
+    if missing:
+        await put_blobs(store, {digest: blobs[digest] for digest in missing})

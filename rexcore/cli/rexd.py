@@ -268,12 +268,12 @@ def _worker(args: argparse.Namespace) -> int:
     plugins = build_plugin_manager(_plugins_config(raw, source), strict=True)
     event_loop = raw.get("event_loop", "auto")
     try:
-        loop.chosen_event_loop(event_loop)
+        chosen_loop = loop.chosen_event_loop(event_loop)
     except loop.EventLoopError as exc:
         raise _Fail(f"{source}: {exc}", status=2) from None
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("rexd").info("event loop: %s", loop.chosen_event_loop(event_loop))
+    logging.getLogger("rexd").info("event loop: %s", chosen_loop)
     tune_malloc_for_streaming()
 
     async def serve() -> None:

@@ -15,7 +15,7 @@ import attrs
 
 from rexcore.artifacts.digest import DigestFunction
 from rexcore.config.component import ComponentRef
-from rexcore.core.loop import EVENT_LOOPS
+from rexcore.core.loop import check_event_loop
 from rexcore.pool.config import PoolConfig
 from rexcore.scheduler.config import SchedulerConfig
 
@@ -130,8 +130,7 @@ class RexConfig:
 
     @event_loop.validator
     def _known_loop(self, _attribute: attrs.Attribute, value: str) -> None:
-        if value not in EVENT_LOOPS:
-            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {value!r}")
+        check_event_loop(value)
 
     @property
     def data_path(self) -> Path:

@@ -17,14 +17,21 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["EVENT_LOOPS", "EventLoopError", "chosen_event_loop", "run"]
+__all__ = ["EVENT_LOOPS", "EventLoopError", "check_event_loop", "chosen_event_loop", "run"]
 
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 T = TypeVar("T")
 
 
-class EventLoopError(Exception):
-    """The configured event loop cannot be used here."""
+class EventLoopError(ValueError):
+    """The configured event loop is not one rex knows, or cannot be used here."""
+
+
+def check_event_loop(setting: str) -> None:
+    """Raise :class:`EventLoopError` unless ``setting`` is one of :data:`EVENT_LOOPS`."""
+    if setting not in EVENT_LOOPS:
+        raise EventLoopError(
+            f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {setting!r}")
 
 
 def _uvloop_module() -> Any | None:
@@ -39,9 +46,7 @@ def _uvloop_module() -> Any | None:
 
 def chosen_event_loop(setting: str = "auto") -> str:
     """The loop ``setting`` runs on here: ``"uvloop"`` or ``"asyncio"``."""
-    if setting not in EVENT_LOOPS:
-        raise EventLoopError(
-            f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {setting!r}")
+    check_event_loop(setting)
     if setting == "asyncio":
         return "asyncio"
     if _uvloop_module() is not None:

@@ -309,9 +309,7 @@ class _Orphans:
 
     def starting(self) -> None:
         """The calling thread is about to start an action's first process or a spawner."""
-        tid = threading.get_native_id()
-        if tid not in self._starters:
-            self._starters.add(tid)
+        self._starters.add(threading.get_native_id())
 
     def _children(self, me: int) -> list[int]:
         """The children of this process's leader and of the threads that start actions."""

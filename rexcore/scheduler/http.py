@@ -36,7 +36,7 @@ from aiohttp import web
 
 from rexcore.artifacts.digest import Digest, InvalidDigestError, digest_of, parse_digest
 from rexcore.artifacts.disk import DiskBlobStore
-from rexcore.artifacts.store import BlobStore, DigestMismatchError, StoreFullError
+from rexcore.artifacts.store import DigestMismatchError, StoreFullError, put_missing
 from rexcore.monitoring.status import pool_status
 from rexcore.protocol.http_server import _ApiError, _json_object  # the API's own error shape
 from rexcore.scheduler.operations import (
@@ -62,9 +62,6 @@ _HTTP_STATUS = {"invalid_argument": 400, "unavailable": 503}
 # Inline blobs up to this many bytes in all are hashed on the event loop (microseconds),
 # so they can be stored while the submission commits; more are stored first.
 _VERIFIED_HERE = 64 << 10
-# Inline blobs up to this many bytes in all are also written to a disk store on the event
-# loop: creating a file or two costs less than the hop to the store's thread and back.
-_WRITTEN_HERE = 16 << 10
 
 
 def add_scheduler_routes(app: web.Application, scheduler: Scheduler) -> None:
@@ -157,20 +154,20 @@ class _SchedulerApi:
         stored: asyncio.Future[None] | None = None
         try:
             total = sum(map(len, blobs.values()))
-            if total <= _WRITTEN_HERE and isinstance(store, DiskBlobStore):
+            if isinstance(store, DiskBlobStore) and store.writes_inline(total):
                 # A few hundred bytes (an Action and its Command): verified and written
                 # right here, which costs less than a hop to a thread and back.
                 _verify(blobs)
                 if blobs:
-                    await _put_missing(store, blobs, inline=True)
+                    await put_missing(store, blobs)
             elif total <= _VERIFIED_HERE:
                 # Checked right here, so storing them can go on beside the submission's
                 # own commit (the scheduler queues the action once both are done).
                 _verify(blobs)
                 if blobs:
-                    stored = asyncio.ensure_future(_put_missing(store, blobs))
+                    stored = asyncio.ensure_future(put_missing(store, blobs))
             else:
-                await _put_missing(store, blobs)
+                await put_missing(store, blobs)
             op = await self._scheduler.submit(
                 digest, priority=priority, skip_cache_lookup=skip, blobs=blobs,
                 blobs_stored=stored,
@@ -296,21 +293,3 @@ def _verify(blobs: dict[Digest, bytes]) -> None:
             raise DigestMismatchError(digest, actual.hash, len(data))
 
 
-async def _put_missing(
-    store: BlobStore, blobs: dict[Digest, bytes], *, inline: bool = False
-) -> None:
-    """Put the blobs the store lacks, verified, all at once (in one go where the store
-    can: the disk store writes small blobs in a single thread hop, or, ``inline``, on
-    this thread)."""
-    missing = await store.find_missing(blobs)
-    if not missing:
-        return
-    if inline and isinstance(store, DiskBlobStore):
-        await store.put_many({digest: blobs[digest] for digest in missing}, inline=True)
-        return
-    put_many = getattr(store, "put_many", None)
-    if put_many is not None:
-        await put_many({digest: blobs[digest] for digest in missing})
-    else:
-        for digest in missing:
-            await store.put(digest, blobs[digest])

@@ -15,7 +15,7 @@ import zstandard
 from google.rpc import code_pb2
 
 from rex_reapi.backend import ReapiBackend, streaming, unary
-from rex_reapi.convert import INLINE_READ, RecentBlobs, get_many, invalid, put_all
+from rex_reapi.convert import INLINE_READ, RecentBlobs, get_many, invalid
 from rex_reapi.digests import function_value, to_proto, to_rex
 from rex_reapi.errors import ReapiError, missing_blobs_error, rpc_status
 from rex_reapi.local_reads import open_blob_file, stream_blob_file
@@ -41,6 +41,7 @@ from rexcore.artifacts.store import (
     DigestMismatchError,
     StorageError,
     StoreFullError,
+    put_blobs,
 )
 
 __all__ = ["ByteStreamService", "CapabilitiesService", "CasService"]
@@ -325,9 +326,9 @@ class _BufferedWriter:
 
     async def commit(self) -> None:
         pieces = self._pieces
-        # put_all: a blob of a few KiB (most of Bazel's uploads) is stored right here.
+        # put_blobs: a blob of a few KiB (most of Bazel's uploads) is stored right here.
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        await put_all(self._store, {self.digest: data})
+        await put_blobs(self._store, {self.digest: data})
         self._recent.remember(self.digest, data)
 
     async def abort(self) -> None:

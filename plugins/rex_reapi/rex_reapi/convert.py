@@ -17,7 +17,7 @@ import base64
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 
 import attrs
 import grpc
@@ -28,8 +28,8 @@ from rex_reapi.digests import to_proto, to_rex
 from rex_reapi.errors import ReapiError, missing_blobs_error
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
 from rexcore.artifacts.digest import Digest, DigestFunction, digest_of
-from rexcore.artifacts.disk import DiskBlobStore
-from rexcore.artifacts.store import BlobNotFoundError, BlobStore
+from rexcore.artifacts.disk import INLINE_PUT
+from rexcore.artifacts.store import BlobNotFoundError, BlobStore, put_missing
 from rexcore.serialization import action as rex
 from rexcore.serialization import action_result as rex_result
 from rexcore.serialization.codec import decode
@@ -57,10 +57,9 @@ _VERIFIED_FOR_S = 30.0
 INLINE_READ = 64 << 10
 
 
-#: Blobs stored on the event loop when they come to at most this much in all (an Action,
-#: its Command, a few Directories, a small ByteStream upload): creating a few small files
-#: costs less than the hop to a thread and back.
-INLINE_WRITE = 16 << 10
+#: Small blobs kept in memory once uploaded are at most this big: what the disk store
+#: writes on the event loop, too (an Action, its Command, a Directory).
+INLINE_WRITE = INLINE_PUT
 
 
 class RecentBlobs:
@@ -131,28 +130,6 @@ async def get_one(store: BlobStore, digest: Digest, recent: RecentBlobs | None =
     return outcome
 
 
-
-
-async def put_all(store: BlobStore, blobs: Mapping[Digest, bytes | memoryview]) -> None:
-    """Store ``blobs``: a few small ones right here (disk store), else in one call (one
-    thread hop for the disk store) where possible."""
-    if isinstance(store, DiskBlobStore):
-        inline = sum(map(len, blobs.values())) <= INLINE_WRITE
-        await store.put_many(blobs, inline=inline)
-        return
-    put_many = getattr(store, "put_many", None)
-    if put_many is not None:
-        await put_many(blobs)
-    else:
-        await asyncio.gather(*(store.put(d, b) for d, b in blobs.items()))
-
-
-async def put_missing(store: BlobStore, blobs: Mapping[Digest, bytes]) -> None:
-    """:func:`put_all` of those ``blobs`` the store lacks (rewriting a held blob would
-    still create a file, only to find the blob there)."""
-    missing = await store.find_missing(blobs)
-    if missing:
-        await put_all(store, {digest: blobs[digest] for digest in missing})
 
 
 def invalid(message: str) -> ReapiError:

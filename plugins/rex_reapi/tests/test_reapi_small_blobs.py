@@ -15,15 +15,13 @@ from rex_reapi.convert import (
     InputTreeConverter,
     RecentBlobs,
     convert_action,
-    put_all,
-    put_missing,
 )
 from rex_reapi.errors import ReapiError
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
 from rexcore.artifacts.digest import Digest, DigestFunction
 from rexcore.artifacts.disk import DiskBlobStore
 from rexcore.artifacts.memory import MemoryBlobStore
-from rexcore.artifacts.store import DigestMismatchError
+from rexcore.artifacts.store import DigestMismatchError, put_blobs, put_missing
 
 
 def _sha(data: bytes) -> Digest:
@@ -86,11 +84,11 @@ async def test_a_few_small_blobs_are_stored_without_a_thread_hop(tmp_path: Path)
     await store.open()
     store.threads_allowed = False
     blobs = {_sha(data): data for data in (b"action", b"command", b"directory")}
-    await put_all(store, blobs)
+    await put_blobs(store, blobs)
     assert not await store.find_missing(blobs)
     large = b"x" * (INLINE_WRITE + 1)
     with pytest.raises(AssertionError, match="thread"):  # more than that: a thread's work
-        await put_all(store, {_sha(large): large})
+        await put_blobs(store, {_sha(large): large})
 
 
 async def test_put_missing_stores_only_what_the_store_lacks() -> None:
