@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 import tomllib
@@ -28,7 +30,16 @@ def test_no_file_gives_every_default(monkeypatch):
     assert config == RexConfig()
     assert config.storage.blob_store.name == "disk"
     assert config.storage.digest_functions == [DigestFunction.SHA256, DigestFunction.BLAKE3]
-    assert config.data_path == Path.home() / ".local" / "share" / "rex"
+    assert config.data_path == (Path("/var/lib/rex") if os.geteuid() == 0
+                                else Path.home() / ".local" / "share" / "rex")
+
+
+def test_default_data_dir_is_var_lib_for_root_and_the_home_for_others(monkeypatch):
+    monkeypatch.delenv("REX_DATA_DIR", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_data_dir() == Path("/var/lib/rex")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert default_data_dir() == Path.home() / ".local" / "share" / "rex"
 
 
 def test_rex_data_dir_environment_variable_sets_default_data_dir(monkeypatch, tmp_path):

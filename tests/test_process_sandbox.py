@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -390,6 +393,37 @@ async def test_as_root_actions_run_unprivileged_and_cannot_write_read_only_files
     assert (exec_root / "sub" / "new").read_text() == "made\n"  # directories are its own
     assert result.exit_code == 0
     assert b"Operation not permitted" in out(exec_root, "stderr")  # the chmod
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="needs root")
+async def test_as_root_an_exec_dir_the_action_user_cannot_traverse_to_is_named_once(caplog):
+    """Actions run as nobody: one whose exec dir lies under a private (0700) directory
+    cannot reach its own files by absolute path, and the sandbox says which directory
+    blocks it, once. (tmp_path lies under pytest's own 0700 directory, hence /tmp.)"""
+    base = Path(tempfile.mkdtemp(prefix="rex-reach-"))
+    try:
+        base.chmod(0o755)
+        private = base / "private"
+        private.mkdir(mode=0o700)
+        for parent in (base, private):
+            (parent / "exec" / "root").mkdir(parents=True)
+        sandbox = ProcessSandbox(ProcessSandboxOptions(user="auto", adopt_orphans=False))
+        by_path = 'cd "$PWD" && echo reached'
+        with caplog.at_level(logging.WARNING, logger="rexcore.sandbox.process"):
+            reachable = base / "exec" / "root"
+            result = await sandbox.run(request(reachable, "/bin/sh", "-c", by_path))
+            assert (result.exit_code, out(reachable)) == (0, b"reached\n")
+            assert not caplog.records
+            blocked = private / "exec" / "root"
+            for _ in range(2):
+                result = await sandbox.run(request(blocked, "/bin/sh", "-c", by_path))
+                assert result.exit_code != 0  # what the warning explains
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1, warnings
+        assert f"may not search {private} (mode 700)" in warnings[0]
+        assert "/var/lib/rex" in warnings[0]
+    finally:
+        shutil.rmtree(base)
 
 
 @linux_only

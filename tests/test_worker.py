@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import stat
@@ -566,6 +567,23 @@ async def test_the_loop_runs_reports_and_kills_what_the_coordinator_cancels(tmp_
             assert (await client.wait_operation(again, wait_s=30)).status == "ok"
         agent.drain()
         await asyncio.wait_for(serving, 30)
+    finally:
+        serving.cancel()
+
+
+async def test_the_join_is_confirmed_at_once_not_after_a_long_poll(tmp_path, rexd_cas, caplog):
+    """The first call is the join: answered at once, so the worker says it joined even
+    when the coordinator has no work (here the long poll would hold ten minutes)."""
+    agent = WorkerAgent(rexd_cas.url, sandbox=sandbox(user="self"), data_dir=tmp_path / "w",
+                        wait_s=600)
+    serving = asyncio.ensure_future(agent.run())
+    try:
+        with caplog.at_level(logging.INFO, logger="rexcore.worker"):
+            await wait_for(lambda: agent._joined, "the join to be confirmed")
+        assert any("joined the coordinator" in r.getMessage() for r in caplog.records)
+        assert not serving.done()
+        agent.drain()
+        await asyncio.wait_for(serving, 30)  # a drain ends the held long poll at once
     finally:
         serving.cancel()
 

@@ -44,7 +44,7 @@ def _base_options(parser: argparse.ArgumentParser) -> None:
                         help="rexd.toml to read (default: none; every option has a default)")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="blobs, action cache and state (default: $REX_DATA_DIR, "
-                             "else ~/.local/share/rex)")
+                             "else /var/lib/rex as root, ~/.local/share/rex otherwise)")
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -85,7 +85,8 @@ def _top_parser() -> argparse.ArgumentParser:
                              "(default: auto)")
     worker.add_argument("--data-dir", metavar="DIR",
                         help="exec roots and the worker's caches (default: "
-                             "$REX_DATA_DIR/worker, else ~/.local/share/rex/worker); one "
+                             "$REX_DATA_DIR/worker, else /var/lib/rex/worker as root, "
+                             "~/.local/share/rex/worker otherwise); one "
                              "per worker")
     worker.add_argument("--shared-store", metavar="DIR", type=Path,
                         help="the coordinator's blob store directory (<its data dir>/cas) "

@@ -34,9 +34,20 @@ __all__ = [
 
 
 def default_data_dir() -> Path:
-    """``$REX_DATA_DIR``, else ``~/.local/share/rex``."""
+    """``$REX_DATA_DIR``, else ``/var/lib/rex`` for root and ``~/.local/share/rex`` for
+    everyone else.
+
+    Root's home is private (0700), and a worker running as root runs its actions as an
+    unprivileged user, who could not traverse it to reach an exec root by its absolute
+    path (Bazel's test runner, for one, goes there by ``$PWD``); ``/var/lib`` is where a
+    system daemon keeps its state anyway.
+    """
     env = os.environ.get("REX_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "rex"
+    if env:
+        return Path(env).expanduser()
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/lib/rex")
+    return Path.home() / ".local" / "share" / "rex"
 
 
 @attrs.frozen

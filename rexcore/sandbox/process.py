@@ -25,7 +25,10 @@ rank higher for ``sandbox = "auto"``). What it does guarantee:
   picks ``nobody``), so an action cannot write to, or chmod, the inputs it shares with
   the blob store by hardlink; the worker hands the exec root's directories (never its
   files) to that user first. The command starts inside its working directory, so relative
-  paths work even where the user may not traverse the directories above the exec root.
+  paths work even where the user may not traverse the directories above the exec root;
+  absolute ones (``$PWD/...``, as Bazel's test runner uses) do not, and the sandbox logs a
+  warning naming the blocking directory the first time it sees such an exec dir (as root
+  the default data dir is ``/var/lib/rex`` for this reason).
 
 Gaps, by platform: elsewhere than Linux a stop kills the action's process group only, so
 a grandchild that started a session of its own escapes; without ``adopt_orphans``, a
@@ -806,6 +809,28 @@ def _resolve_user(value: str) -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
+def _unsearchable_ancestor(directory: Path, owner: tuple[int, int]) -> Path | None:
+    """The first of ``directory`` and the directories above it that ``owner`` (a uid and
+    its only group) may not search, by their mode bits; None when it can reach it."""
+    import stat
+
+    uid, gid = owner
+    for path in (directory, *directory.parents):
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None  # nothing to tell: the action will report it
+        if info.st_uid == uid:
+            allowed = info.st_mode & stat.S_IXUSR
+        elif info.st_gid == gid:
+            allowed = info.st_mode & stat.S_IXGRP
+        else:
+            allowed = info.st_mode & stat.S_IXOTH
+        if not allowed:
+            return path
+    return None
+
+
 def _hand_over(pending: list[str], owner: tuple[int, int], budget: int | None) -> list[str]:
     """Give the directories in ``pending`` and every directory below them (never a file:
     files may be hardlinks of cached blobs; never a symlink: its target is not ours) to
@@ -846,6 +871,8 @@ class ProcessSandbox:
     def __init__(self, options: ProcessSandboxOptions | None = None) -> None:
         self.options = options or ProcessSandboxOptions()
         self._owner = _resolve_user(self.options.user)
+        #: Exec dirs already checked for the action user's access (see _check_reach).
+        self._reach_checked: set[Path] = set()
         self._helper = _spawn_helper(self.options.spawn_helper)
         self._running: set[_Execution] = set()
         self._cleanups: set[asyncio.Task[Any]] = set()
@@ -856,6 +883,24 @@ class ProcessSandbox:
         self._limit_options: dict[tuple[Any, ...], list[str]] = {}
         if self.options.adopt_orphans:
             _orphans.adopt()
+
+    def _check_reach(self, exec_dir: Path) -> None:
+        """Warn once per exec dir when the action user cannot traverse the directories
+        above it: the action still starts in its exec root, but whatever it reaches by
+        absolute path (``$PWD/...``, as Bazel's test runner does) is out of its reach."""
+        if exec_dir in self._reach_checked or self._owner is None:
+            return
+        self._reach_checked.add(exec_dir)
+        blocked = _unsearchable_ancestor(exec_dir, self._owner)
+        if blocked is not None:
+            log.warning(
+                "process sandbox: actions run as uid %d, which may not search %s (mode %o) "
+                "above the exec dir %s: an action that reaches its own files by absolute path "
+                "(Bazel's test runner does, through $PWD) fails with 'Permission denied'. "
+                "Keep the data dir where that user can traverse (as root the default is "
+                "/var/lib/rex), set the sandbox option user = \"self\", or use the linux "
+                "sandbox (rex-sandbox-linux)", self._owner[0], blocked,
+                os.stat(blocked).st_mode & 0o7777, exec_dir)
 
     def _limits(self, request: SandboxRequest) -> list[tuple[int, int, int]]:
         import resource
@@ -1016,6 +1061,7 @@ class ProcessSandbox:
             for temp in request.spec.temp_dirs:
                 (request.exec_root / temp).mkdir(parents=True, exist_ok=True)
             if self._owner is not None:
+                self._check_reach(request.exec_root.parent)
                 # A small exec root right here; the rest of a big one in a thread.
                 pending = _hand_over([str(request.exec_root)], self._owner, budget=256)
                 if pending:

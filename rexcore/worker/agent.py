@@ -360,7 +360,9 @@ class WorkerAgent:
         return max(self.slots - len(self._running), 0)
 
     def _request(self) -> SyncRequest:
-        long_poll = self._free_slots() > 0 and not self._draining
+        # The first call is answered at once: it is the join, which the worker confirms
+        # (its log line, its lease) without waiting out a long poll on an idle coordinator.
+        long_poll = self._joined and self._free_slots() > 0 and not self._draining
         return SyncRequest(
             worker_id=self.worker_id, token=self.token, properties=self.properties,
             slots=self.slots, executing=tuple(sorted(self._running)),

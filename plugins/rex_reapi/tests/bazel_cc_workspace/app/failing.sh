@@ -1,0 +1,3 @@
+#!/bin/bash
+echo rex-failing-test-output
+exit 4

@@ -1,0 +1,3 @@
+#include "lib/greet.h"
+
+std::string greet(const std::string& who) { return "hello " + who; }
