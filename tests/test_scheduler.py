@@ -82,6 +82,48 @@ async def test_operation_waits_until_a_worker_with_matching_properties_synchroni
         assert (await client.wait_operation(op.name)).worker == "gpu"
 
 
+async def test_an_action_no_joined_worker_can_run_fails_after_unmatched_timeout_s(
+    plugin_manager, tmp_path
+):
+    async with coordinator(plugin_manager, tmp_path / "data", unmatched_timeout_s=0.5) as (
+        running, client
+    ):
+        scheduler = running.runtime.scheduler
+        asked = [("OSFamily", "Linux"), ("container-image", "docker://example/image")]
+        digest, _ = await make_action(client.put_blob, platform=asked)
+        # No worker at all: the pool may be starting one, so it waits.
+        op = await client.execute(digest)
+        await asyncio.sleep(1.0)
+        assert (await client.wait_operation(op.name)).state == "queued"
+        # Workers that cannot run it join: it fails, naming both sides.
+        worker = FakeWorker(client, "cpu", properties=[("os", "linux")])
+        assert (await worker.sync()).assignments == ()
+        done = await client.wait_operation(op.name, wait_s=30)
+        assert (done.state, done.status) == ("completed", "failed_precondition")
+        assert "OSFamily=Linux, container-image=docker://example/image" in done.message
+        assert "[os=linux]" in done.message and "unmatched_timeout_s" in done.message
+        # Work the worker can run is unaffected, and the queue holds nothing stale.
+        other, _ = await make_action(client.put_blob, platform=[("os", "linux")])
+        op2 = await client.execute(other)
+        assert await _names((await worker.sync()).assignments) == [op2.name]
+        assert not scheduler._queued and not scheduler._unmatched
+
+
+async def test_an_unmatched_action_waits_for_a_worker_that_joins_in_time(
+    plugin_manager, tmp_path
+):
+    async with coordinator(plugin_manager, tmp_path / "data", unmatched_timeout_s=60) as (
+        _, client
+    ):
+        digest, _ = await make_action(client.put_blob, platform=[("pool", "gpu")])
+        op = await client.execute(digest)
+        cpu = FakeWorker(client, "cpu", properties=[("pool", "cpu")])
+        assert (await cpu.sync()).assignments == ()
+        await asyncio.sleep(0.5)
+        gpu = FakeWorker(client, "gpu", properties=[("pool", "gpu")])
+        assert await _names((await gpu.sync()).assignments) == [op.name]
+
+
 async def test_an_action_without_properties_runs_on_any_worker(plugin_manager, tmp_path):
     async with coordinator(plugin_manager, tmp_path / "data") as (_, client):
         digest, _ = await make_action(client.put_blob)

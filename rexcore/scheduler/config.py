@@ -37,6 +37,10 @@ class SchedulerConfig:
     #: After a restart, how long an executing action waits for its worker to synchronize
     #: again before it is requeued.
     restart_grace_s: float = attrs.field(default=30.0, validator=_non_negative_s)
+    #: An action whose platform properties no joined worker offers fails with
+    #: ``failed_precondition`` once none has for this long (0: it waits for one forever).
+    #: While no worker at all is joined nothing fails: the pool may be starting some.
+    unmatched_timeout_s: float = attrs.field(default=30.0, validator=_non_negative_s)
     #: Secret every worker must present. Empty: only workers connecting from loopback
     #: (this host) may join.
     join_token: str = attrs.field(default="", repr=False)

@@ -202,6 +202,8 @@ class Scheduler:
         self._in_flight: dict[Digest, _Execution] = {}  # cacheable ones, by action digest
         self._queues: dict[_Platform, list[tuple[int, int, int, _Execution]]] = {}
         self._queued: set[_Execution] = set()
+        #: Queued platforms no joined worker offers, and since when (monotonic).
+        self._unmatched: dict[_Platform, float] = {}
         self._being_queued = 0  # submissions between the cap check and the queue
         self._seq = 0
         self._workers: dict[str, _Worker] = {}
@@ -806,7 +808,12 @@ class Scheduler:
     def _push(self, execution: _Execution) -> None:
         execution.queue_version += 1
         entry = (execution.priority, execution.seq, execution.queue_version, execution)
-        heapq.heappush(self._queues.setdefault(execution.platform, []), entry)
+        heap = self._queues.get(execution.platform)
+        if heap is None:
+            heap = self._queues[execution.platform] = []
+            if execution.platform and self.config.unmatched_timeout_s > 0:
+                self._poke_reaper(time.monotonic())  # is there a worker for it at all?
+        heapq.heappush(heap, entry)
         self._queued.add(execution)
 
     def _take(self, worker: _Worker, count: int) -> list[_Execution]:
@@ -1100,6 +1107,7 @@ class Scheduler:
                 self._lose(execution, f"worker {worker_id} did not synchronize within "
                            f"{self.config.restart_grace_s:g}s of the coordinator's restart "
                            "(scheduler.restart_grace_s)")
+        wake_at = min(wake_at, self._fail_unmatched(now))
         for execution in list(self._executions.values()):
             if execution.state != "executing":
                 continue
@@ -1113,6 +1121,50 @@ class Scheduler:
                 f"timeout of {execution.timeout_s:g}s (worker {execution.worker} never "
                 "reported it)",
             )
+        return wake_at
+
+    def _fail_unmatched(self, now: float) -> float:
+        """Fail what waits for a platform no joined worker has offered for
+        ``unmatched_timeout_s``; the next time one is due. With no worker joined at all
+        nothing fails: the pool may be starting the first ones."""
+        timeout = self.config.unmatched_timeout_s
+        if timeout <= 0 or not self._workers:
+            self._unmatched.clear()
+            return math.inf
+        wake_at = math.inf
+        offered = {worker.properties for worker in self._workers.values()}
+        for platform in list(self._unmatched):
+            if platform not in self._queues:
+                del self._unmatched[platform]
+        for platform, heap in list(self._queues.items()):
+            if any(platform <= properties for properties in offered):
+                self._unmatched.pop(platform, None)
+                continue
+            since = self._unmatched.setdefault(platform, now)
+            if now < since + timeout:
+                wake_at = min(wake_at, since + timeout)
+                continue
+            del self._unmatched[platform]
+            del self._queues[platform]
+            waiting = [entry[3] for entry in heap if _is_current(entry)]
+            wanted = ", ".join(f"{name}={value}" for name, value in sorted(platform))
+            kinds = sorted(", ".join(f"{n}={v}" for n, v in sorted(p)) or "(none)"
+                           for p in offered)
+            shown = "; ".join(f"[{kind}]" for kind in kinds[:5])
+            if len(kinds) > 5:
+                shown += f"; and {len(kinds) - 5} more"
+            log.warning("failing %d queued action(s): no worker offers %s", len(waiting), wanted)
+            for execution in waiting:
+                self._finish(
+                    execution, status="failed_precondition",
+                    message=f"no worker offers the platform properties action "
+                    f"{execution.action_digest} asks for ({wanted}): none of the "
+                    f"{len(self._workers)} joined worker(s) did within {timeout:g}s "
+                    f"(scheduler.unmatched_timeout_s); they offer {shown}. Start workers "
+                    "with those properties (rexd worker --property NAME=VALUE, or "
+                    "[pool] properties for the local ones), or drop them from the client's "
+                    "platform (Bazel: exec_properties, --remote_default_exec_properties)",
+                )
         return wake_at
 
     async def _prune(self) -> None:

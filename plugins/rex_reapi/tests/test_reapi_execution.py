@@ -14,13 +14,14 @@ import grpc
 import pytest
 from google.longrunning import operations_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from reapi_fixtures import Reapi, reapi, sha256_digest
+from reapi_fixtures import Reapi, connect, reapi, reapi_plugins, sha256_digest
 
 _FIXTURES = (reapi,)  # pytest finds them by name here
 from rex_reapi.proto import bytestream_pb2 as bs_pb2
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
 
 from rexcore.scheduler.scheduler import Scheduler
+from rexcore.testing import start_rexd
 
 _Fn = re_pb2.DigestFunction.Value
 _Stage = re_pb2.ExecutionStage.Value
@@ -570,6 +571,29 @@ async def test_command_platform_no_worker_offers_keeps_the_action_queued(reapi: 
     await reapi.operations.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name))
     response = (await _rest(execute))[-1].response
     assert response is not None and response.status.code == code_pb2.CANCELLED
+
+
+async def test_a_platform_no_worker_offers_fails_with_failed_precondition_in_time(
+    tmp_path: Path, reapi_config: dict[str, Any]
+) -> None:
+    """Bazel's usual RBE properties against workers that offer none of them: the Execute
+    stream ends FAILED_PRECONDITION naming them, instead of the action queueing forever."""
+    config = {**reapi_config, "scheduler": {"unmatched_timeout_s": 0.5}}
+    running = await start_rexd(reapi_plugins(), tmp_path / "data", config)
+    client = await connect(running)
+    try:
+        # The worker offers OSFamily=linux (lower case): no match either.
+        digest = await _action(client, "true", action_platform={
+            "OSFamily": "Linux", "container-image": "docker://gcr.io/example/image"})
+        response = await _run(client, digest)
+        assert response.status.code == code_pb2.FAILED_PRECONDITION
+        assert "OSFamily=Linux, container-image=docker://gcr.io/example/image" in \
+            response.status.message
+        # The server keeps serving what its workers can run.
+        assert (await _run(client, await _action(client, "true"))).status.code == code_pb2.OK
+    finally:
+        await client.channel.close()
+        await running.daemon.stop()
 
 
 async def test_sha256_is_assumed_when_no_digest_function_is_named(reapi: Reapi) -> None:
