@@ -100,7 +100,10 @@ class Daemon:
                 runtime.scheduler = scheduler
             for protocol in self.resolved.protocols:
                 descriptor = protocol.registered.descriptor
-                server = descriptor.factory(protocol.options, context, runtime)
+                try:
+                    server = descriptor.factory(protocol.options, context, runtime)
+                except ValueError as exc:  # a protocol's way to refuse its options
+                    raise DaemonError(f"protocol {descriptor.name!r}: {exc}") from exc
                 try:
                     await server.start()
                 except OSError as exc:

@@ -33,6 +33,15 @@ class ReapiOptions:
     update_interval_s: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     #: Seconds in-flight calls get to finish on stop before they are cancelled.
     shutdown_grace_s: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    #: PEM certificate chain: with ``tls_key``, the server speaks TLS (``grpcs://``).
+    tls_certificate: str = ""
+    #: PEM private key of ``tls_certificate``.
+    tls_key: str = attrs.field(default="", repr=False)
+    #: PEM CA bundle: clients must present a certificate it signed (mutual TLS).
+    tls_client_ca: str = ""
+    #: File of bearer tokens, one per line: every call must carry ``authorization: Bearer
+    #: <token>`` with one of them (health checks excepted). Empty: no token is asked for.
+    auth_tokens_file: str = ""
     #: Largest stdout/stderr inlined into a result when the client asks for it.
     max_inline_size: ByteSize = attrs.field(
         default=ByteSize(1 << 20), validator=attrs.validators.ge(ByteSize(0))

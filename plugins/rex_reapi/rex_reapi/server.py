@@ -16,6 +16,12 @@ from rex_reapi.execution import ExecutionService, OperationsService, make_operat
 from rex_reapi.options import ReapiOptions
 from rex_reapi.proto import bytestream_pb2, remote_execution_pb2
 from rex_reapi.proto import remote_execution_pb2_grpc as re_grpc
+from rex_reapi.security import (
+    ReapiSecurityError,
+    TokenInterceptor,
+    load_tokens,
+    server_credentials,
+)
 from rex_reapi.wire import MalformedMessageError, WriteChunk, decode_write_request
 from rexcore.config.types import parse_host_port
 from rexcore.core.runtime import ServiceRuntime
@@ -29,8 +35,9 @@ log = logging.getLogger("rex_reapi")
 _MESSAGE_SLACK = 1 << 20
 
 
-class ReapiProtocolError(Exception):
-    """The REAPI server is misconfigured (a malformed ``listen`` address)."""
+class ReapiProtocolError(ValueError):
+    """The REAPI server is misconfigured (a malformed ``listen`` address, a TLS or token
+    file that cannot be used)."""
 
 
 def _service_names() -> list[str]:
@@ -72,10 +79,19 @@ def _add_bytestream(servicer: ByteStreamService, server: grpc.aio.Server) -> Non
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ReapiProtocol:
     """``await start()`` listens, ``await stop()`` drains in-flight calls then stops."""
-
-    scheme = "grpc"
 
     def __init__(self, options: ReapiOptions, context: ComponentContext,
                  runtime: ServiceRuntime) -> None:
@@ -85,6 +101,14 @@ class ReapiProtocol:
             raise ReapiProtocolError(f"REAPI: bad listen address: {exc}") from None
         self.options = options
         self.runtime = runtime
+        try:
+            self._credentials = server_credentials(
+                options.tls_certificate, options.tls_key, options.tls_client_ca)
+            self._tokens = (load_tokens(options.auth_tokens_file)
+                            if options.auth_tokens_file else frozenset())
+        except ReapiSecurityError as exc:
+            raise ReapiProtocolError(str(exc)) from None
+        self.scheme = "grpcs" if self._credentials is not None else "grpc"
         self._server: grpc.aio.Server | None = None
         self._bytestream: ByteStreamService | None = None
         self._health: health.aio.HealthServicer | None = None
@@ -97,7 +121,8 @@ class ReapiProtocol:
         backend = ReapiBackend(self.runtime, self.options)
         await backend.cache.open()
         limit = self.options.max_batch_total_size + _MESSAGE_SLACK
-        server = grpc.aio.server(options=[
+        interceptors = [TokenInterceptor(self._tokens)] if self._tokens else []
+        server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
@@ -117,7 +142,9 @@ class ReapiProtocol:
             [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         host = f"[{self._host}]" if ":" in self._host else self._host
         try:
-            self._bound_port = server.add_insecure_port(f"{host}:{self._port}")
+            address = f"{host}:{self._port}"
+            self._bound_port = (server.add_insecure_port(address) if self._credentials is None
+                                else server.add_secure_port(address, self._credentials))
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {self.options.listen}: {exc}") from None
         if not self._bound_port:
@@ -126,7 +153,21 @@ class ReapiProtocol:
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
-        log.info("REAPI listening on %s", ", ".join(self.addresses))
+        log.info("REAPI listening on %s (%s)", ", ".join(self.addresses), self._security())
+        if not self._tokens and not self.options.tls_client_ca and not _is_loopback(self._host):
+            log.warning(
+                "REAPI listens on %s with no client authentication: anyone who can reach "
+                "it can run commands on the workers and write the cache. Set "
+                "[protocols.reapi] auth_tokens_file or tls_client_ca, or listen on "
+                "127.0.0.1", self.options.listen)
+
+    def _security(self) -> str:
+        parts = ["TLS" if self._credentials is not None else "plain text"]
+        if self.options.tls_client_ca:
+            parts.append("client certificates required")
+        if self._tokens:
+            parts.append(f"bearer tokens required ({len(self._tokens)} known)")
+        return ", ".join(parts)
 
     async def stop(self) -> None:
         """Report NOT_SERVING, stop accepting calls, give running ones the grace period."""
