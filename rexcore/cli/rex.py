@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
         help="rex server, http://HOST:PORT or HOST:PORT "
         "(default: $REX_SERVER, else http://127.0.0.1:8981)",
     )
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="bearer token for a server with auth_tokens_file (default: $REX_TOKEN); "
+        "prefer the environment variable, which no process listing shows",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cas = commands.add_parser("cas", help="content-addressed storage: upload and download blobs")
     cas_commands = cas.add_subparsers(dest="cas_command", metavar="ACTION", required=True)
@@ -249,7 +255,8 @@ async def _cas_get(client: RexClient, args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    async with RexClient(resolve_server(args.server)) as client:
+    token = args.token if args.token is not None else os.environ.get("REX_TOKEN", "")
+    async with RexClient(resolve_server(args.server), token=token) as client:
         if args.command == "status":
             from rich.console import Console
 

@@ -169,7 +169,8 @@ class AsyncRemoteService:
         except DaemonError as exc:
             raise ServiceError(f"the service failed to start: {exc}") from exc
         self._daemon = daemon
-        self._client = RexClient(self.url)
+        # With auth_tokens_file on, the service's own client presents the join token.
+        self._client = RexClient(self.url, token=config.scheduler.join_token)
 
     async def stop(self) -> None:
         """Drain the workers (running actions finish) and stop; safe to call twice."""

@@ -208,7 +208,9 @@ class RexClient:
     """An async client of one rex server; use as ``async with RexClient(url) as client``.
 
     ``timeout`` is the seconds allowed to connect and the longest the server may stay
-    silent in the middle of a response; transfers as such have no deadline.
+    silent in the middle of a response; transfers as such have no deadline. ``token``,
+    when given, goes with every request as ``Authorization: Bearer <token>`` (a server
+    with ``auth_tokens_file`` asks for it; a worker presents its join token).
     """
 
     def __init__(
@@ -218,8 +220,12 @@ class RexClient:
         timeout: float = 60.0,
         chunked_min_size: int = CHUNKED_MIN_SIZE,
         transfer: TransferOptions | None = None,
+        token: str = "",
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        if token and not (token.isascii() and token.isprintable() and " " not in token):
+            raise RexClientError("the token must be printable ASCII without spaces")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         #: Files and blobs at least this large move as chunks (see the module docs).
         self.chunked_min_size = max(chunked_min_size, REAPI_CHUNKING.max_size)
         self.transfer = transfer or TransferOptions()
@@ -241,6 +247,7 @@ class RexClient:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout,
+                headers=self._headers,
                 # Big reads: a blob arrives in few, large slices.
                 read_bufsize=_CHUNK,
                 # The digest covers the bytes as sent; nothing may decode them on the way.
@@ -507,7 +514,7 @@ class RexClient:
     ) -> Any:
         if method == "POST" and body is not None:
             if self._lean is None:
-                self._lean = _LeanCalls.for_url(self.base_url) or False
+                self._lean = _LeanCalls.for_url(self.base_url, self._headers) or False
             if self._lean:  # plain http: kept-alive connections of our own
                 read_s = max(self._timeout.sock_read or 0.0,
                              long_poll_s + 30.0 if long_poll_s > 0 else 0.0)
@@ -741,13 +748,16 @@ class _LeanCalls:
 
     _KEEP = 4  # idle connections kept: a worker has at most two calls in flight
 
-    def __init__(self, host: str, port: int, authority: str, prefix: str) -> None:
+    def __init__(self, host: str, port: int, authority: str, prefix: str,
+                 headers: dict[str, str] | None = None) -> None:
         self.host, self.port, self.prefix = host, port, prefix
         self._authority = authority.encode("ascii")  # yarl's raw form: IDNA, brackets
+        extra = "".join(f"\r\n{name}: {value}" for name, value in (headers or {}).items())
+        self._extra = extra.encode("latin-1")
         self._idle: list[_Response] = []
 
     @classmethod
-    def for_url(cls, base_url: str) -> _LeanCalls | None:
+    def for_url(cls, base_url: str, headers: dict[str, str] | None = None) -> _LeanCalls | None:
         """For a plain ``http://host:port[/prefix]`` URL; None for anything else."""
         try:
             url = URL(base_url)
@@ -756,13 +766,13 @@ class _LeanCalls:
         if (url.scheme != "http" or not url.host or url.port is None or url.user
                 or url.query_string or url.fragment):
             return None
-        return cls(url.host, url.port, url.raw_authority, url.raw_path.rstrip("/"))
+        return cls(url.host, url.port, url.raw_authority, url.raw_path.rstrip("/"), headers)
 
     async def post(self, path: str, body: bytes, client: RexClient, *,
                    connect_s: float | None, read_s: float) -> tuple[int, str, bytes]:
         """``(status, reason, body)`` of ``POST path``; RexClientError when it fails."""
         head = (f"POST {self.prefix}{path} HTTP/1.1\r\nHost: ".encode() + self._authority
-                + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                + self._extra + b"\r\nContent-Type: application/json\r\nContent-Length: "
                 + str(len(body)).encode() + b"\r\n\r\n")
         request = head + body
         while self._idle:

@@ -65,6 +65,7 @@ from rexcore.config.types import ByteSize, HostPort, parse_host_port
 from rexcore.core.runtime import ServiceRuntime
 from rexcore.monitoring.health import run_health_checks
 from rexcore.plugins.descriptors import ComponentContext
+from rexcore.protocol.auth import BearerTokens, TokenFileError, is_loopback, load_tokens
 from rexcore.protocol.client import (
     ACCEPT_CHUNK_ENCODING_HEADER,
     CHUNK_ENCODING_HEADER,
@@ -91,8 +92,9 @@ _MAX_CHUNK = 16 << 20
 _MAX_CHUNK_BODY = _MAX_CHUNK + (1 << 20)
 
 
-class NativeHttpError(Exception):
-    """The native HTTP API is misused: a malformed ``listen`` address, no address yet."""
+class NativeHttpError(ValueError):
+    """The native HTTP API is misused: a malformed ``listen`` address, a token file that
+    cannot be used, no address yet."""
 
 
 @attrs.frozen
@@ -116,6 +118,10 @@ class NativeHttpOptions:
     shutdown_timeout: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     #: Log every request to the ``aiohttp.access`` logger.
     access_log: bool = False
+    #: File of bearer tokens, one per line: every request but ``GET /healthz`` and ``GET
+    #: /metrics`` must carry ``Authorization: Bearer <token>`` with one of them, or with
+    #: ``scheduler.join_token`` (what workers present). Empty: no token is asked for.
+    auth_tokens_file: str = ""
 
 
 class _ApiError(Exception):
@@ -826,16 +832,42 @@ async def _copy_body(
         await write(chunk)
 
 
+#: What anyone may ask without a token: probes and scrapes.
+_OPEN_ROUTES = frozenset({("GET", "/healthz"), ("GET", "/metrics")})
+
+
+def _token_check(tokens: BearerTokens) -> Any:
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if (request.method, request.path) in _OPEN_ROUTES or tokens.accepts(
+                request.headers.get("Authorization")):
+            return await handler(request)
+        why = ("a wrong token" if "Authorization" in request.headers
+               else "no Authorization header")
+        return _error_response(
+            401, "unauthenticated",
+            f"this rex server requires 'Authorization: Bearer <token>' ({request.method} "
+            f"{request.path} had {why}); clients pass it with `rex --token` or REX_TOKEN, "
+            "workers present scheduler.join_token",
+            {"WWW-Authenticate": "Bearer"})
+    return middleware
+
+
 def create_app(
-    runtime: ServiceRuntime, options: NativeHttpOptions | None = None
+    runtime: ServiceRuntime, options: NativeHttpOptions | None = None,
+    tokens: BearerTokens | None = None,
 ) -> web.Application:
-    """The aiohttp application serving the native API over ``runtime``."""
+    """The aiohttp application serving the native API over ``runtime``; with ``tokens``,
+    every request but the open routes must present one of them."""
     options = options or NativeHttpOptions()
     api = _NativeApi(runtime, options)
     in_flight = _InFlight()
-    app = web.Application(
-        middlewares=[in_flight.middleware, _json_errors], client_max_size=options.max_json_body
-    )
+    middlewares = [in_flight.middleware, _json_errors]
+    if tokens is not None:
+        middlewares.insert(1, _token_check(tokens))
+    app = web.Application(middlewares=middlewares, client_max_size=options.max_json_body)
     app[_IN_FLIGHT] = in_flight
     blob = "/v1/cas/{function}/{hash}/{size}"
     action = "/v1/ac/{function}/{hash}/{size}"
@@ -876,6 +908,20 @@ class NativeHttpProtocol:
             self._host, self._port = parse_host_port(options.listen)
         except ValueError as exc:
             raise NativeHttpError(f"native HTTP API: bad listen address: {exc}") from None
+        self._tokens: BearerTokens | None = None
+        if options.auth_tokens_file:
+            try:
+                accepted = set(load_tokens(options.auth_tokens_file))
+            except TokenFileError as exc:
+                raise NativeHttpError(f"native HTTP API: {exc}") from None
+            join_token = runtime.config.scheduler.join_token
+            if runtime.config.scheduler.enabled and not join_token:
+                raise NativeHttpError(
+                    "native HTTP API: auth_tokens_file needs scheduler.join_token as well: "
+                    "workers present the join token on every request")
+            if join_token:
+                accepted.add(join_token)
+            self._tokens = BearerTokens(accepted)
         self.options = options
         self.context = context
         self.runtime = runtime
@@ -887,7 +933,7 @@ class NativeHttpProtocol:
         if self._runner is not None:
             return
         tune_malloc_for_streaming()
-        app = create_app(self.runtime, self.options)
+        app = create_app(self.runtime, self.options, self._tokens)
         self._in_flight = app[_IN_FLIGHT]
         runner = web.AppRunner(
             app,
@@ -905,7 +951,14 @@ class NativeHttpProtocol:
             await runner.cleanup()
             raise
         self._runner = runner
-        _log.info("native HTTP API listening on %s", ", ".join(self.addresses))
+        _log.info("native HTTP API listening on %s (%s)", ", ".join(self.addresses),
+                  "bearer tokens required" if self._tokens else "no client authentication")
+        if self._tokens is None and not is_loopback(self._host):
+            _log.warning(
+                "the native HTTP API listens on %s with no client authentication: anyone "
+                "who can reach it can run commands on the workers and write the cache. Set "
+                "[protocols.native] auth_tokens_file (and scheduler.join_token), or listen "
+                "on 127.0.0.1", self.options.listen)
 
     async def stop(self) -> None:
         """Stop accepting, give in-flight requests ``shutdown_timeout`` seconds, then close."""
@@ -942,3 +995,4 @@ def create_native_protocol(
 ) -> NativeHttpProtocol:
     """The ``native`` protocol descriptor's factory."""
     return NativeHttpProtocol(options, context, runtime)
+

@@ -50,7 +50,6 @@ import contextlib
 import functools
 import heapq
 import hmac
-import ipaddress
 import logging
 import math
 import time
@@ -64,6 +63,7 @@ import attrs
 from rexcore.artifacts.action_cache import MissingBlobsError
 from rexcore.artifacts.digest import Digest
 from rexcore.artifacts.store import BlobNotFoundError, StorageError
+from rexcore.protocol.auth import is_loopback
 from rexcore.scheduler.config import SchedulerConfig
 from rexcore.scheduler.operations import (
     MissingInputsError,
@@ -1260,12 +1260,5 @@ def _is_current(entry: tuple[int, int, int, _Execution]) -> bool:
     return execution.state == "queued" and execution.queue_version == entry[2]
 
 
-@functools.lru_cache(maxsize=1024)
-def _is_loopback(remote: str) -> bool:
-    """Whether ``remote`` is a loopback address (remembered: every worker call asks)."""
-    try:
-        return ipaddress.ip_address(remote.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
+#: Whether a worker's address is loopback (remembered: every worker call asks).
+_is_loopback = functools.lru_cache(maxsize=1024)(is_loopback)

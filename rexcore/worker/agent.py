@@ -228,7 +228,9 @@ class WorkerAgent:
         self.shared_store_root = shared_store_root
         self.worker_id = worker_id or default_worker_id()
         self.wait_s = wait_s
-        self.client = client or RexClient(self.coordinator_url)
+        # The join token doubles as the bearer token of every request (a coordinator
+        # whose native API has auth_tokens_file accepts it).
+        self.client = client or RexClient(self.coordinator_url, token=token)
         self._own_client = client is None
         self.exec_dir = self.data_dir / "exec"
         self._downloads = self.data_dir / "downloads"

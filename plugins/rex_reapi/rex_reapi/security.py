@@ -12,12 +12,13 @@ so that a load balancer can probe the server.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+from rexcore.protocol import auth
 
 __all__ = ["ReapiSecurityError", "TokenInterceptor", "load_tokens", "server_credentials"]
 
@@ -61,15 +62,9 @@ def server_credentials(certificate: str, key: str, client_ca: str) -> grpc.Serve
 def load_tokens(path: str) -> frozenset[str]:
     """The tokens in ``path``: one per line; blank lines and ``#`` comments skipped."""
     try:
-        text = Path(path).expanduser().read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReapiSecurityError(f"REAPI: cannot read auth_tokens_file {path}: {exc}") from None
-    tokens = frozenset(line.strip() for line in text.splitlines()
-                       if line.strip() and not line.lstrip().startswith("#"))
-    if not tokens:
-        raise ReapiSecurityError(f"REAPI: auth_tokens_file {path} holds no token (one per "
-                                 "line; blank lines and # comments are skipped)")
-    return tokens
+        return auth.load_tokens(path)
+    except auth.TokenFileError as exc:
+        raise ReapiSecurityError(f"REAPI: {exc}") from None
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -99,16 +94,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Lets a call through only with ``authorization: Bearer <token>`` for a known token."""
 
     def __init__(self, tokens: frozenset[str]) -> None:
-        self._tokens = [token.encode() for token in tokens]
-
-    def _allowed(self, value: str | bytes) -> bool:
-        text = value.decode(errors="replace") if isinstance(value, bytes) else value
-        scheme, _, presented = text.strip().partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            return False
-        candidate = presented.strip().encode()
-        # Compare with every token, so the time taken does not tell which one matched.
-        return sum(hmac.compare_digest(candidate, token) for token in self._tokens) > 0
+        self._tokens = auth.BearerTokens(tokens)
 
     async def intercept_service(
         self,
@@ -120,7 +106,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         headers = [value for key, value in details.invocation_metadata or ()
                    if key == "authorization"]
-        if any(self._allowed(value) for value in headers):
+        if any(self._tokens.accepts(value) for value in headers):
             return handler
         why = ("a wrong token in its authorization header" if headers
                else "no authorization header")

@@ -26,6 +26,7 @@ from rex_reapi.wire import MalformedMessageError, WriteChunk, decode_write_reque
 from rexcore.config.types import parse_host_port
 from rexcore.core.runtime import ServiceRuntime
 from rexcore.plugins.descriptors import ComponentContext
+from rexcore.protocol.auth import is_loopback
 
 __all__ = ["ReapiProtocol", "ReapiProtocolError", "create_reapi_protocol"]
 
@@ -77,17 +78,6 @@ def _add_bytestream(servicer: ByteStreamService, server: grpc.aio.Server) -> Non
     }
     name = bytestream_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ReapiProtocol:
@@ -154,7 +144,7 @@ class ReapiProtocol:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
         log.info("REAPI listening on %s (%s)", ", ".join(self.addresses), self._security())
-        if not self._tokens and not self.options.tls_client_ca and not _is_loopback(self._host):
+        if not self._tokens and not self.options.tls_client_ca and not is_loopback(self._host):
             log.warning(
                 "REAPI listens on %s with no client authentication: anyone who can reach "
                 "it can run commands on the workers and write the cache. Set "
