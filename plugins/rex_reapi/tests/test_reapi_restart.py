@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 from reapi_fixtures import sha256_digest
-
 from rex_reapi.proto import remote_execution_pb2 as re_pb2
 from rex_reapi.proto import remote_execution_pb2_grpc as re_grpc
+
 from tests._real_rexd import RexdProcesses, lines, wait_until
 
 
