@@ -77,19 +77,27 @@ def _poisson(rng: random.Random, rate: Callable[[float], float], peak: float,
             arrivals.append((t, _lognormal(rng, mean_s)))
 
 
+def diurnal_rate(t: float) -> float:
+    """Arrivals per second of :func:`diurnal` at ``t``."""
+    return 0.05 + 0.45 * math.sin(math.pi * t / 86_400.0) ** 2
+
+
+def step_rate(t: float) -> float:
+    """Arrivals per second of :func:`step` at ``t``."""
+    return 0.5 if 3600 <= t < 10_800 else 0.05
+
+
 def diurnal(seed: int) -> Workload:
     """One day: 0.05 actions/s at night to 0.5/s at noon, 40 s each on average."""
     rng, day = random.Random(seed), 86_400.0
-    arrivals = _poisson(rng, lambda t: 0.05 + 0.45 * math.sin(math.pi * t / day) ** 2,
-                        0.5, day, 40.0)
+    arrivals = _poisson(rng, diurnal_rate, 0.5, day, 40.0)
     return Workload("diurnal", tuple(arrivals), day)
 
 
 def step(seed: int) -> Workload:
     """Four hours; the rate jumps from 0.05/s to 0.5/s for the middle two."""
     rng = random.Random(seed)
-    arrivals = _poisson(rng, lambda t: 0.5 if 3600 <= t < 10_800 else 0.05, 0.5,
-                        14_400.0, 40.0)
+    arrivals = _poisson(rng, step_rate, 0.5, 14_400.0, 40.0)
     return Workload("step", tuple(arrivals), 14_400.0)
 
 
