@@ -168,7 +168,7 @@ class RexdServe:
                 env=rexd_environment(),
             )
         deadline = time.monotonic() + patience_s
-        while not (found := re.search(r"rexd: native listening on (http://\S+)", self.log())):
+        while not (found := re.search(r"rexd: native listening on (https?://\S+)", self.log())):
             if self.process.poll() is not None:
                 raise AssertionError(f"rexd exited with {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:

@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
         help="bearer token for a server with auth_tokens_file (default: $REX_TOKEN); "
         "prefer the environment variable, which no process listing shows",
     )
+    parser.add_argument(
+        "--ca-file",
+        metavar="PEM",
+        help="CA certificates to trust for an https:// server (default: $REX_CA_FILE, else "
+        "the system's)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     cas = commands.add_parser("cas", help="content-addressed storage: upload and download blobs")
     cas_commands = cas.add_subparsers(dest="cas_command", metavar="ACTION", required=True)
@@ -256,7 +262,8 @@ async def _cas_get(client: RexClient, args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     token = args.token if args.token is not None else os.environ.get("REX_TOKEN", "")
-    async with RexClient(resolve_server(args.server), token=token) as client:
+    ca_file = args.ca_file if args.ca_file is not None else os.environ.get("REX_CA_FILE", "")
+    async with RexClient(resolve_server(args.server), token=token, ca_file=ca_file) as client:
         if args.command == "status":
             from rich.console import Console
 

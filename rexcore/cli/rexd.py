@@ -75,6 +75,9 @@ def _top_parser() -> argparse.ArgumentParser:
                         help="resolver for SRV lookups (default: the system's)")
     worker.add_argument("--token", help="the coordinator's join token (default: "
                                         "$REX_JOIN_TOKEN; none needed on the same host)")
+    worker.add_argument("--ca-file", metavar="PEM",
+                        help="CA certificates to trust for an https:// coordinator (default: "
+                             "$REX_CA_FILE, else the system's)")
     worker.add_argument("--slots", type=int, default=1, metavar="N",
                         help="actions run at once (default: 1)")
     worker.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
@@ -282,7 +285,9 @@ def _worker(args: argparse.Namespace) -> int:
                                 raw.get("sandboxes", {}).get(args.sandbox)).descriptor.name
         sandbox = create_sandbox(plugins, chosen, ComponentContext(data_dir=data_dir),
                                  raw.get("sandboxes", {}).get(chosen))
-        agent = WorkerAgent(url, token=token, slots=args.slots, properties=properties,
+        ca_file = args.ca_file if args.ca_file is not None else os.environ.get("REX_CA_FILE", "")
+        agent = WorkerAgent(url, token=token, ca_file=ca_file, slots=args.slots,
+                            properties=properties,
                             sandbox=sandbox, data_dir=data_dir,
                             shared_store_root=args.shared_store, worker_id=args.worker_id)
         watch = None

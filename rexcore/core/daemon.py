@@ -160,7 +160,9 @@ class Daemon:
         except ProviderError as exc:  # bad options or no cluster/credentials: say so, no traceback
             raise DaemonError(f"provider {descriptor.name!r} cannot be built: {exc}") from exc
         launch = WorkerLaunch(
-            coordinator_url=f"http://{native.addresses[0]}",
+            # Local workers use the loopback URL the API keeps for them (with TLS a
+            # plain listener of their own); remote providers are told theirs in options.
+            coordinator_url=native.local_url,
             join_token=config.scheduler.join_token,
             slots=config.pool.slots_per_worker,
             properties=tuple(sorted(config.pool.properties.items())),

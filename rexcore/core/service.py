@@ -152,7 +152,7 @@ class AsyncRemoteService:
     def url(self) -> str:
         """Base URL of the native HTTP API (what ``rex --server`` and workers use)."""
         daemon = self._require()
-        return f"http://{daemon.protocols['native'].addresses[0]}"
+        return str(daemon.protocols["native"].url)
 
     def _require(self) -> Daemon:
         if self._daemon is None:
@@ -169,8 +169,11 @@ class AsyncRemoteService:
         except DaemonError as exc:
             raise ServiceError(f"the service failed to start: {exc}") from exc
         self._daemon = daemon
-        # With auth_tokens_file on, the service's own client presents the join token.
-        self._client = RexClient(self.url, token=config.scheduler.join_token)
+        # The service's own client talks to it as its local workers do (over loopback,
+        # plain HTTP even when the API speaks TLS) and presents the join token, which a
+        # native API with auth_tokens_file accepts.
+        self._client = RexClient(daemon.protocols["native"].local_url,
+                                 token=config.scheduler.join_token)
 
     async def stop(self) -> None:
         """Drain the workers (running actions finish) and stop; safe to call twice."""

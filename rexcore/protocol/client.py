@@ -211,6 +211,8 @@ class RexClient:
     silent in the middle of a response; transfers as such have no deadline. ``token``,
     when given, goes with every request as ``Authorization: Bearer <token>`` (a server
     with ``auth_tokens_file`` asks for it; a worker presents its join token).
+    ``ca_file``: PEM certificates to trust for an ``https://`` server, instead of the
+    system's (a server whose certificate a private CA signed).
     """
 
     def __init__(
@@ -221,11 +223,20 @@ class RexClient:
         chunked_min_size: int = CHUNKED_MIN_SIZE,
         transfer: TransferOptions | None = None,
         token: str = "",
+        ca_file: str = "",
     ) -> None:
         self.base_url = base_url.rstrip("/")
         if token and not (token.isascii() and token.isprintable() and " " not in token):
             raise RexClientError("the token must be printable ASCII without spaces")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._ssl: Any = True  # aiohttp: verify with the system's trust store
+        if ca_file:
+            import ssl
+
+            try:
+                self._ssl = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise RexClientError(f"cannot use the CA file {ca_file}: {exc}") from None
         #: Files and blobs at least this large move as chunks (see the module docs).
         self.chunked_min_size = max(chunked_min_size, REAPI_CHUNKING.max_size)
         self.transfer = transfer or TransferOptions()
@@ -248,6 +259,7 @@ class RexClient:
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout,
                 headers=self._headers,
+                connector=aiohttp.TCPConnector(ssl=self._ssl),
                 # Big reads: a blob arrives in few, large slices.
                 read_bufsize=_CHUNK,
                 # The digest covers the bytes as sent; nothing may decode them on the way.
@@ -273,6 +285,12 @@ class RexClient:
         try:
             async with self._open().request(method, url, **kwargs) as response:
                 yield response
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise ServerUnavailable(
+                f"the rex server at {self.base_url} presents a TLS certificate this client "
+                f"does not trust ({exc.certificate_error}); give the CA that signed it with "
+                "--ca-file or REX_CA_FILE (RexClient(ca_file=...))"
+            ) from exc
         except aiohttp.ClientConnectorError as exc:
             raise ServerUnavailable(
                 f"cannot reach the rex server at {self.base_url}: {exc.os_error.strerror or exc}; "

@@ -122,6 +122,11 @@ class NativeHttpOptions:
     #: /metrics`` must carry ``Authorization: Bearer <token>`` with one of them, or with
     #: ``scheduler.join_token`` (what workers present). Empty: no token is asked for.
     auth_tokens_file: str = ""
+    #: PEM certificate chain: with ``tls_key`` the API speaks HTTPS on ``listen`` (this
+    #: rexd's own local workers then use a plain-HTTP listener on 127.0.0.1 of their own).
+    tls_certificate: str = ""
+    #: PEM private key of ``tls_certificate``.
+    tls_key: str = attrs.field(default="", repr=False)
 
 
 class _ApiError(Exception):
@@ -922,6 +927,9 @@ class NativeHttpProtocol:
             if join_token:
                 accepted.add(join_token)
             self._tokens = BearerTokens(accepted)
+        self._ssl = _server_ssl(options.tls_certificate, options.tls_key)
+        self.scheme = "https" if self._ssl is not None else "http"
+        self._local_socket: Any = None
         self.options = options
         self.context = context
         self.runtime = runtime
@@ -944,14 +952,25 @@ class NativeHttpProtocol:
             read_bufsize=self.options.read_buffer,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port)
+        site = web.TCPSite(runner, self._host, self._port, ssl_context=self._ssl)
         try:
             await site.start()
+            if self._ssl is not None:
+                # This rexd's own workers connect over loopback, where a certificate made
+                # for the public name would not verify: a plain listener of their own.
+                import socket
+
+                local = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                local.bind(("127.0.0.1", 0))
+                local.listen(128)
+                self._local_socket = local
+                await web.SockSite(runner, local).start()
         except OSError:  # its message names the address and the cause; rexd adds the remedy
             await runner.cleanup()
             raise
         self._runner = runner
-        _log.info("native HTTP API listening on %s (%s)", ", ".join(self.addresses),
+        _log.info("native HTTP API listening on %s (%s, %s)", ", ".join(self.addresses),
+                  "HTTPS" if self._ssl is not None else "plain HTTP",
                   "bearer tokens required" if self._tokens else "no client authentication")
         if self._tokens is None and not is_loopback(self._host):
             _log.warning(
@@ -975,19 +994,47 @@ class NativeHttpProtocol:
         """The bound ``host:port`` addresses (the real port when ``listen`` asked for 0)."""
         if self._runner is None:
             return []
+        local = self._local_socket.getsockname() if self._local_socket is not None else None
         return [
             _format_address(name)
             for name in self._runner.addresses
-            if isinstance(name, tuple) and len(name) >= 2
+            if isinstance(name, tuple) and len(name) >= 2 and tuple(name[:2]) != local
         ]
 
     @property
+    def local_url(self) -> str:
+        """The URL this rexd's own (local) workers use: the API itself, or with TLS the
+        plain listener on 127.0.0.1 kept for them."""
+        if self._local_socket is not None:
+            return f"http://{_format_address(self._local_socket.getsockname())}"
+        return self.url
+
+    @property
     def url(self) -> str:
-        """``http://host:port`` of the first bound address (raises before ``start``)."""
+        """``http(s)://host:port`` of the first bound address (raises before ``start``)."""
         addresses = self.addresses
         if not addresses:
             raise NativeHttpError("native HTTP API is not listening; call start() first")
-        return f"http://{addresses[0]}"
+        return f"{self.scheme}://{addresses[0]}"
+
+
+def _server_ssl(certificate: str, key: str) -> Any:
+    """The server's TLS context, or None without a certificate."""
+    if not certificate and not key:
+        return None
+    if not certificate or not key:
+        missing = "tls_key" if certificate else "tls_certificate"
+        raise NativeHttpError(f"native HTTP API: TLS needs both tls_certificate and tls_key; "
+                              f"{missing} is not set")
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certificate, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise NativeHttpError(f"native HTTP API: cannot load tls_certificate {certificate} "
+                              f"with tls_key {key}: {exc}") from None
+    return context
 
 
 def create_native_protocol(

@@ -215,6 +215,7 @@ class WorkerAgent:
         cache_size: int = 10 << 30,
         executables_size: int = 2 << 30,
         client: RexClient | None = None,
+        ca_file: str = "",
     ) -> None:
         if slots < 1:
             raise ValueError(f"a worker needs at least one slot, got {slots}")
@@ -230,7 +231,7 @@ class WorkerAgent:
         self.wait_s = wait_s
         # The join token doubles as the bearer token of every request (a coordinator
         # whose native API has auth_tokens_file accepts it).
-        self.client = client or RexClient(self.coordinator_url, token=token)
+        self.client = client or RexClient(self.coordinator_url, token=token, ca_file=ca_file)
         self._own_client = client is None
         self.exec_dir = self.data_dir / "exec"
         self._downloads = self.data_dir / "downloads"
