@@ -85,8 +85,9 @@ async def test_an_operation_survives_a_restart_of_rexd_and_is_followed_by_name(
     release.touch()
     server.start()
     async with grpc.aio.insecure_channel(address) as channel:
+        # (REAPI may start listening a moment after the native API rexd reported.)
         updates = [op async for op in re_grpc.ExecutionStub(channel).WaitExecution(
-            re_pb2.WaitExecutionRequest(name=name), timeout=120)]
+            re_pb2.WaitExecutionRequest(name=name), timeout=120, wait_for_ready=True)]
     assert updates and updates[-1].done and updates[-1].name == name
     response = re_pb2.ExecuteResponse()
     assert updates[-1].response.Unpack(response)
