@@ -432,23 +432,15 @@ def test_the_worker_kills_daemons_left_behind_by_a_finished_action(tmp_path):
     exited on its own is re-parented to the worker and killed. Run in a process of its
     own, as ``rexd worker`` would."""
     script = textwrap.dedent(f"""
-        import asyncio, os, sys
+        import asyncio
         from pathlib import Path
-        from rexcore.sandbox.interface import SandboxRequest
         from rexcore.sandbox.process import ProcessSandbox, ProcessSandboxOptions
-        from rexcore.serialization.sandbox_spec import SandboxSpec
+        from tests._daemon_action import run_daemon_action
 
         async def main():
             root = Path({str(tmp_path)!r})
             sandbox = ProcessSandbox(ProcessSandboxOptions(adopt_orphans=True, user="self"))
-            pid_file = root / "daemon.pid"
-            command = ("setsid sh -c 'sleep 300 & echo $! > " + str(pid_file) + "' & "
-                       "while [ ! -s " + str(pid_file) + " ]; do sleep 0.01; done")
-            result = await sandbox.run(SandboxRequest(
-                exec_root=root, arguments=("/bin/sh", "-c", command), environment=(),
-                working_directory="", spec=SandboxSpec(), stdout_path=root / "out",
-                stderr_path=root / "err"))
-            print(result.exit_code, int(pid_file.read_text()))
+            print(0, await run_daemon_action(sandbox, root, "daemon.pid"))
 
         asyncio.run(main())
     """)
@@ -467,11 +459,10 @@ def test_daemons_are_killed_when_actions_run_on_a_loop_in_another_thread(tmp_pat
     daemon is still found and killed; the resident spawner (a child of that thread, in
     the worker's session) is left alone and serves the next action."""
     script = textwrap.dedent(f"""
-        import asyncio, os, sys, threading
+        import asyncio, threading
         from pathlib import Path
-        from rexcore.sandbox.interface import SandboxRequest
         from rexcore.sandbox.process import ProcessSandbox, ProcessSandboxOptions
-        from rexcore.serialization.sandbox_spec import SandboxSpec
+        from tests._daemon_action import run_daemon_action
 
         async def main():
             root = Path({str(tmp_path)!r})
@@ -479,15 +470,7 @@ def test_daemons_are_killed_when_actions_run_on_a_loop_in_another_thread(tmp_pat
             daemons = []
             spawners = []
             for number in range(2):
-                pid_file = root / f"daemon{{number}}.pid"
-                command = ("setsid sh -c 'sleep 300 & echo $! > " + str(pid_file) + "' & "
-                           "while [ ! -s " + str(pid_file) + " ]; do sleep 0.01; done")
-                result = await sandbox.run(SandboxRequest(
-                    exec_root=root, arguments=("/bin/sh", "-c", command), environment=(),
-                    working_directory="", spec=SandboxSpec(), stdout_path=root / "out",
-                    stderr_path=root / "err"))
-                assert result.exit_code == 0, (root / "err").read_text()
-                daemons.append(int(pid_file.read_text()))
+                daemons.append(await run_daemon_action(sandbox, root, f"daemon{{number}}.pid"))
                 spawners.append(sandbox._spawner and sandbox._spawner.pid)
             print(*daemons, *spawners)
             await sandbox.close()

@@ -152,7 +152,7 @@ class AsyncRemoteService:
     def url(self) -> str:
         """Base URL of the native HTTP API (what ``rex --server`` and workers use)."""
         daemon = self._require()
-        return str(daemon.protocols["native"].url)
+        return daemon.protocols["native"].url
 
     def _require(self) -> Daemon:
         if self._daemon is None:

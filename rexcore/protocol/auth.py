@@ -1,4 +1,5 @@
-"""Bearer tokens: the shared secret clients present to a rex server.
+"""Bearer tokens, the shared secret clients present to a rex server, and the checks
+both servers share (a TLS certificate and key set together, what counts as loopback).
 
 A protocol with an ``auth_tokens_file`` (the native HTTP API, rex-reapi's gRPC server)
 reads it once at start: one token per line, blank lines and ``#`` comments skipped. A
@@ -12,7 +13,7 @@ import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["BearerTokens", "TokenFileError", "is_loopback", "load_tokens"]
+__all__ = ["BearerTokens", "TokenFileError", "is_loopback", "load_tokens", "tls_configured"]
 
 
 class TokenFileError(ValueError):
@@ -66,3 +67,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]").split("%", 1)[0]).is_loopback
     except ValueError:
         return False
+
+
+def tls_configured(certificate: str, key: str) -> bool:
+    """Whether a server's ``tls_certificate`` and ``tls_key`` ask for TLS; ValueError
+    when only one of the two is set."""
+    if bool(certificate) != bool(key):
+        missing = "tls_key" if certificate else "tls_certificate"
+        raise ValueError(f"TLS needs both tls_certificate and tls_key; {missing} is not set")
+    return bool(certificate)

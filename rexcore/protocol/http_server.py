@@ -65,7 +65,13 @@ from rexcore.config.types import ByteSize, HostPort, parse_host_port
 from rexcore.core.runtime import ServiceRuntime
 from rexcore.monitoring.health import run_health_checks
 from rexcore.plugins.descriptors import ComponentContext
-from rexcore.protocol.auth import BearerTokens, TokenFileError, is_loopback, load_tokens
+from rexcore.protocol.auth import (
+    BearerTokens,
+    TokenFileError,
+    is_loopback,
+    load_tokens,
+    tls_configured,
+)
 from rexcore.protocol.client import (
     ACCEPT_CHUNK_ENCODING_HEADER,
     CHUNK_ENCODING_HEADER,
@@ -1020,12 +1026,11 @@ class NativeHttpProtocol:
 
 def _server_ssl(certificate: str, key: str) -> Any:
     """The server's TLS context, or None without a certificate."""
-    if not certificate and not key:
-        return None
-    if not certificate or not key:
-        missing = "tls_key" if certificate else "tls_certificate"
-        raise NativeHttpError(f"native HTTP API: TLS needs both tls_certificate and tls_key; "
-                              f"{missing} is not set")
+    try:
+        if not tls_configured(certificate, key):
+            return None
+    except ValueError as exc:
+        raise NativeHttpError(f"native HTTP API: {exc}") from None
     import ssl
 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -1042,4 +1047,3 @@ def create_native_protocol(
 ) -> NativeHttpProtocol:
     """The ``native`` protocol descriptor's factory."""
     return NativeHttpProtocol(options, context, runtime)
-

@@ -809,9 +809,11 @@ def _resolve_user(value: str) -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def _unsearchable_ancestor(directory: Path, owner: tuple[int, int]) -> Path | None:
+def _unsearchable_ancestor(directory: Path,
+                           owner: tuple[int, int]) -> tuple[Path, int] | None:
     """The first of ``directory`` and the directories above it that ``owner`` (a uid and
-    its only group) may not search, by their mode bits; None when it can reach it."""
+    its only group) may not search, by their mode bits, with its mode; None when it can
+    reach it."""
     import stat
 
     uid, gid = owner
@@ -827,7 +829,7 @@ def _unsearchable_ancestor(directory: Path, owner: tuple[int, int]) -> Path | No
         else:
             allowed = info.st_mode & stat.S_IXOTH
         if not allowed:
-            return path
+            return path, info.st_mode & 0o7777
     return None
 
 
@@ -893,14 +895,14 @@ class ProcessSandbox:
         self._reach_checked.add(exec_dir)
         blocked = _unsearchable_ancestor(exec_dir, self._owner)
         if blocked is not None:
+            path, mode = blocked
             log.warning(
                 "process sandbox: actions run as uid %d, which may not search %s (mode %o) "
                 "above the exec dir %s: an action that reaches its own files by absolute path "
                 "(Bazel's test runner does, through $PWD) fails with 'Permission denied'. "
                 "Keep the data dir where that user can traverse (as root the default is "
                 "/var/lib/rex), set the sandbox option user = \"self\", or use the linux "
-                "sandbox (rex-sandbox-linux)", self._owner[0], blocked,
-                os.stat(blocked).st_mode & 0o7777, exec_dir)
+                "sandbox (rex-sandbox-linux)", self._owner[0], path, mode, exec_dir)
 
     def _limits(self, request: SandboxRequest) -> list[tuple[int, int, int]]:
         import resource

@@ -1128,25 +1128,23 @@ class Scheduler:
         ``unmatched_timeout_s``; the next time one is due. With no worker joined at all
         nothing fails: the pool may be starting the first ones."""
         timeout = self.config.unmatched_timeout_s
-        if timeout <= 0 or not self._workers:
+        if timeout <= 0 or not self._workers or not self._queues:
             self._unmatched.clear()
             return math.inf
-        wake_at = math.inf
         offered = {worker.properties for worker in self._workers.values()}
-        for platform in list(self._unmatched):
-            if platform not in self._queues:
-                del self._unmatched[platform]
-        for platform, heap in list(self._queues.items()):
-            if any(platform <= properties for properties in offered):
-                self._unmatched.pop(platform, None)
-                continue
-            since = self._unmatched.setdefault(platform, now)
+        self._unmatched = unmatched = {
+            platform: self._unmatched.get(platform, now) for platform in self._queues
+            if not any(platform <= properties for properties in offered)
+        }
+        wake_at = math.inf
+        for platform, since in list(unmatched.items()):
             if now < since + timeout:
                 wake_at = min(wake_at, since + timeout)
                 continue
-            del self._unmatched[platform]
-            del self._queues[platform]
-            waiting = [entry[3] for entry in heap if _is_current(entry)]
+            del unmatched[platform]
+            waiting = [entry[3] for entry in self._queues.pop(platform) if _is_current(entry)]
+            if not waiting:
+                continue  # only entries already taken or finished were left
             wanted = ", ".join(f"{name}={value}" for name, value in sorted(platform))
             kinds = sorted(", ".join(f"{n}={v}" for n, v in sorted(p)) or "(none)"
                            for p in offered)

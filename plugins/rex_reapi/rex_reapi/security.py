@@ -20,7 +20,7 @@ import grpc
 
 from rexcore.protocol import auth
 
-__all__ = ["ReapiSecurityError", "TokenInterceptor", "load_tokens", "server_credentials"]
+__all__ = ["ReapiSecurityError", "TokenInterceptor", "server_credentials"]
 
 #: Methods any caller may use: health probes.
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
@@ -43,28 +43,20 @@ def _read(path: str, what: str) -> bytes:
 
 def server_credentials(certificate: str, key: str, client_ca: str) -> grpc.ServerCredentials | None:
     """The server's TLS credentials, or None for plain text (no certificate)."""
-    if not certificate and not key:
+    try:
+        tls = auth.tls_configured(certificate, key)
+    except ValueError as exc:
+        raise ReapiSecurityError(f"REAPI: {exc}") from None
+    if not tls:
         if client_ca:
             raise ReapiSecurityError("REAPI: tls_client_ca needs tls_certificate and tls_key "
                                      "(mutual TLS is TLS first)")
         return None
-    if not certificate or not key:
-        missing = "tls_key" if certificate else "tls_certificate"
-        raise ReapiSecurityError(f"REAPI: TLS needs both tls_certificate and tls_key; "
-                                 f"{missing} is not set")
     chain = _read(certificate, "TLS certificate (tls_certificate)")
     private = _read(key, "TLS private key (tls_key)")
     roots = _read(client_ca, "client CA (tls_client_ca)") if client_ca else None
     return grpc.ssl_server_credentials([(private, chain)], root_certificates=roots,
                                        require_client_auth=roots is not None)
-
-
-def load_tokens(path: str) -> frozenset[str]:
-    """The tokens in ``path``: one per line; blank lines and ``#`` comments skipped."""
-    try:
-        return auth.load_tokens(path)
-    except auth.TokenFileError as exc:
-        raise ReapiSecurityError(f"REAPI: {exc}") from None
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

@@ -16,17 +16,12 @@ from rex_reapi.execution import ExecutionService, OperationsService, make_operat
 from rex_reapi.options import ReapiOptions
 from rex_reapi.proto import bytestream_pb2, remote_execution_pb2
 from rex_reapi.proto import remote_execution_pb2_grpc as re_grpc
-from rex_reapi.security import (
-    ReapiSecurityError,
-    TokenInterceptor,
-    load_tokens,
-    server_credentials,
-)
+from rex_reapi.security import ReapiSecurityError, TokenInterceptor, server_credentials
 from rex_reapi.wire import MalformedMessageError, WriteChunk, decode_write_request
 from rexcore.config.types import parse_host_port
 from rexcore.core.runtime import ServiceRuntime
 from rexcore.plugins.descriptors import ComponentContext
-from rexcore.protocol.auth import is_loopback
+from rexcore.protocol.auth import TokenFileError, is_loopback, load_tokens
 
 __all__ = ["ReapiProtocol", "ReapiProtocolError", "create_reapi_protocol"]
 
@@ -98,6 +93,8 @@ class ReapiProtocol:
                             if options.auth_tokens_file else frozenset())
         except ReapiSecurityError as exc:
             raise ReapiProtocolError(str(exc)) from None
+        except TokenFileError as exc:
+            raise ReapiProtocolError(f"REAPI: {exc}") from None
         self.scheme = "grpcs" if self._credentials is not None else "grpc"
         self._server: grpc.aio.Server | None = None
         self._bytestream: ByteStreamService | None = None
