@@ -79,3 +79,14 @@ def test_tls_needs_both_certificate_and_key(tmp_path):
                       "--http", "127.0.0.1:0", "--workers", "0",
                       REXCORE_DISABLE_PLUGIN_AUTOLOAD="1")
     assert result.returncode != 0 and "cannot load tls_certificate" in result.stderr
+
+
+def test_a_worker_with_an_unusable_ca_file_stops_with_one_line(tmp_path):
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    for ca_file in (str(tmp_path / "missing.pem"), str(not_pem)):
+        result = run_rexd("worker", "--coordinator", "https://localhost:1", "--ca-file", ca_file,
+                          "--data-dir", str(tmp_path / "worker"),
+                          REXCORE_DISABLE_PLUGIN_AUTOLOAD="1")
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert f"cannot use the CA file {ca_file}" in result.stderr

@@ -247,12 +247,11 @@ def _worker(args: argparse.Namespace) -> int:
     from rexcore.core import loop
     from rexcore.plugins.descriptors import ComponentContext
     from rexcore.protocol.client import RexClientError, resolve_server, tune_malloc_for_streaming
+    from rexcore.protocol.discovery import CoordinatorNotFoundError, discover_coordinator
     from rexcore.sandbox.interface import SandboxError
     from rexcore.sandbox.select import create_sandbox, select_sandbox
     from rexcore.worker.agent import WorkerAgent
     from rexcore.worker.errors import WorkerError
-
-    from rexcore.protocol.discovery import CoordinatorNotFoundError, discover_coordinator
 
     try:
         coordinator = discover_coordinator(args.coordinator, dns_server=args.dns_server)
@@ -302,7 +301,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     try:
         loop.run(serve(), event_loop)
-    except (WorkerError, SandboxError, loop.EventLoopError) as exc:
+    except (WorkerError, SandboxError, RexClientError, loop.EventLoopError) as exc:
         raise _Fail(str(exc)) from exc
     return 0
 

@@ -157,7 +157,8 @@ class Daemon:
             provider = await _maybe_await(
                 descriptor.factory(self.resolved.provider.options, self.context)
             )
-        except ProviderError as exc:  # bad options or no cluster/credentials: say so, no traceback
+        except (ProviderError, ValueError) as exc:
+            # Bad options, an unusable file they name, no cluster or credentials: one line.
             raise DaemonError(f"provider {descriptor.name!r} cannot be built: {exc}") from exc
         launch = WorkerLaunch(
             # Local workers use the loopback URL the API keeps for them (with TLS a

@@ -18,6 +18,16 @@ Capacity: the choices are ``instance_types`` x ``subnets`` in order (spot first 
 subnet, a quota error to the next instance type; throttling is retried with backoff by
 botocore (``api_max_attempts``) and then by the pool, which retries a failed create after a
 doubling delay.
+
+A private CA: with ``coordinator_ca_file`` the provider reads that PEM bundle once, when
+it is built, and refuses (:class:`Ec2OptionsError`, a ``ValueError``) a file it cannot
+read, one without a certificate or that ssl cannot load, one holding a private key, and
+options whose user-data would be over EC2's 16 KiB with it; a launch checks the size again
+with the launch's own values. The user-data writes the bundle on the instance and starts
+the worker with ``--ca-file``. The CA only serves an ``https://`` coordinator, so a
+plain ``http://`` one with it is a mistake, not a choice: the options refuse such a
+``coordinator_url`` when the config loads, and a launch refuses a non-``https://`` URL too
+(rather than workers that ignore the CA and talk in clear text).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import ssl
 import time
 import urllib.parse
 import uuid
@@ -35,7 +46,7 @@ import attrs
 
 from rex_aws._aws import AwsCaller, error_code, error_text, make_client
 from rex_aws.options import Ec2ProviderOptions
-from rex_aws.userdata import render_user_data
+from rex_aws.userdata import USER_DATA_LIMIT, render_user_data
 from rexcore.plugins.descriptors import ComponentContext
 from rexcore.providers.interface import (
     ProvidedWorker,
@@ -44,7 +55,7 @@ from rexcore.providers.interface import (
     WorkerLaunch,
 )
 
-__all__ = ["DRAIN_TAG", "POOL_TAG", "Ec2Provider", "create_ec2_provider"]
+__all__ = ["DRAIN_TAG", "POOL_TAG", "Ec2OptionsError", "Ec2Provider", "create_ec2_provider"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +75,12 @@ _QUOTA_ERRORS = frozenset({
 })
 _GONE = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 _LIVE_STATES = ["pending", "running", "stopping", "stopped"]
+_PEM_CERTIFICATE = "-----BEGIN CERTIFICATE-----"
+
+
+class Ec2OptionsError(ProviderError, ValueError):
+    """Options the provider cannot be built with: a ``ValueError`` like the options' own
+    checks, and a :class:`ProviderError`, which rexd reports in one line at startup."""
 
 
 @attrs.frozen
@@ -75,6 +92,39 @@ class _Choice:
     def __str__(self) -> str:
         return (f"{'spot' if self.spot else 'on-demand'} {self.instance_type or 'template type'}"
                 f" in {self.subnet or 'the default subnet'}")
+
+
+def _read_ca_bundle(path: str) -> str:
+    """The PEM text of ``coordinator_ca_file``; raises :class:`Ec2OptionsError`."""
+    where = f"coordinator_ca_file {path!r}"
+    try:
+        with open(path, "rb") as file:
+            data = file.read(USER_DATA_LIMIT + 1)
+    except OSError as exc:
+        raise Ec2OptionsError(f"{where} cannot be read ({exc.strerror or exc}); give a PEM "
+                              "file of the CA(s) that signed the coordinator's certificate, "
+                              "readable by rexd") from None
+    if len(data) > USER_DATA_LIMIT:
+        raise Ec2OptionsError(f"{where} is over {USER_DATA_LIMIT} bytes, more than EC2 "
+                              "user-data can carry; keep only the CA(s) that signed the "
+                              "coordinator's certificate")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        text = ""
+    if _PEM_CERTIFICATE not in text:
+        raise Ec2OptionsError(f"{where} holds no PEM certificate (no '{_PEM_CERTIFICATE}' "
+                              "line); give the CA certificate in PEM form (openssl x509 "
+                              "-inform der -in CA.der -out CA.pem converts a DER one)")
+    if "PRIVATE KEY-----" in text:
+        raise Ec2OptionsError(f"{where} holds a private key, which the user-data would "
+                              "hand to every worker; give only the CA certificate(s)")
+    try:  # as the worker will: RexClient loads it with ssl
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
+    except (ssl.SSLError, ValueError) as exc:
+        raise Ec2OptionsError(f"{where} is not a bundle of certificates a worker can load "
+                              f"({exc}); give the CA certificate(s) in PEM form") from None
+    return text
 
 
 def _is_loopback(url: str) -> bool:
@@ -95,6 +145,15 @@ class Ec2Provider:
         self.options = options
         #: Wall-clock seconds; drain times are stored in tags, so they survive a restart.
         self.clock = clock
+        #: The PEM text of ``coordinator_ca_file``, read once; empty without one.
+        self.ca_bundle = _read_ca_bundle(options.coordinator_ca_file) if (
+            options.coordinator_ca_file) else ""
+        # Fail at startup what no launch could fix: the launch adds only a few hundred
+        # bytes (URL, token, properties) to what the options alone render to.
+        fixed = render_user_data(WorkerLaunch(options.coordinator_url), options.coordinator_url,
+                                 options, self.ca_bundle)
+        if len(fixed.encode()) > USER_DATA_LIMIT:
+            raise Ec2OptionsError(self._too_large(fixed))
         self._call = AwsCaller(4, "rex-ec2")
         self._client: Any = None
 
@@ -113,6 +172,12 @@ class Ec2Provider:
         return ProviderError(f"ec2 provider (pool {self.options.pool!r}) failed {doing}: "
                              f"{error_text(exc)}; check the provider's options, the IAM "
                              "permissions (docs/aws.md) and the account's EC2 quotas")
+
+    def _too_large(self, user_data: str) -> str:
+        return (f"ec2 provider (pool {self.options.pool!r}): the user-data is "
+                f"{len(user_data.encode())} bytes, over EC2's limit of {USER_DATA_LIMIT}; "
+                "shorten install_command (e.g. bake rexd into the image) or keep only the CA "
+                "that signed the coordinator's certificate in coordinator_ca_file")
 
     # -- creating ------------------------------------------------------------------
 
@@ -137,6 +202,11 @@ class Ec2Provider:
             raise ProviderError(
                 "ec2 workers join from other hosts, which the coordinator refuses without a "
                 "join token; set scheduler.join_token")
+        if self.ca_bundle and not url.startswith("https://"):
+            raise ProviderError(
+                f"ec2 provider: coordinator_ca_file is set but the workers would reach the "
+                f"coordinator at {url}, not https://; set coordinator_url to its https:// "
+                "address")
         return url
 
     def _run_parameters(self, choice: _Choice, count: int, user_data: str) -> dict[str, Any]:
@@ -184,7 +254,10 @@ class Ec2Provider:
     async def create_workers(self, count: int, launch: WorkerLaunch) -> Sequence[ProvidedWorker]:
         if count <= 0:
             return []
-        user_data = render_user_data(launch, self._coordinator_url(launch), self.options)
+        user_data = render_user_data(launch, self._coordinator_url(launch), self.options,
+                                     self.ca_bundle)
+        if len(user_data.encode()) > USER_DATA_LIMIT:
+            raise ProviderError(self._too_large(user_data))
         client = await self._ec2()
         created: list[ProvidedWorker] = []
         refused: list[str] = []

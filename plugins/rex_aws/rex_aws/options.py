@@ -23,6 +23,12 @@ class Ec2ProviderOptions:
     are tried in order (every subnet of the first type, then the next type) when EC2 has
     no capacity or quota for a choice. Instances are tagged ``rex:pool = pool`` plus
     ``tags``; the provider only ever sees and touches instances of its pool.
+
+    ``coordinator_ca_file`` is read when the provider is built (by
+    :class:`~rex_aws.ec2.Ec2Provider`, not here: options hold no file contents); a CA only
+    matters for an ``https://`` coordinator, so with one set a ``coordinator_url`` of any
+    other form is refused here, at config time, rather than leaving every worker to fail
+    (or, with ``http://``, to ignore the CA and talk in clear text).
     """
 
     region: str = ""
@@ -41,6 +47,10 @@ class Ec2ProviderOptions:
     spot_fallback: bool = True
     #: The URL instances reach the coordinator at (default: the URL rexd serves on).
     coordinator_url: str = ""
+    #: A PEM bundle on the coordinator's machine: the CA(s) that signed the native API's
+    #: ``https://`` certificate. The user-data writes it on the instance and starts the
+    #: worker with ``--ca-file`` pointing at it.
+    coordinator_ca_file: str = ""
     #: Shell run by user-data before the worker starts (e.g. ``pip install rexcore``).
     install_command: str = ""
     drain_poll_s: int = attrs.field(default=15, validator=attrs.validators.ge(1))
@@ -58,6 +68,12 @@ class Ec2ProviderOptions:
         if any(key.startswith("rex:") for key in self.tags):
             raise ValueError("`tags` must not use the `rex:` prefix: rex tags its instances "
                              "with it itself; rename the tag")
+        if (self.coordinator_ca_file and self.coordinator_url
+                and not self.coordinator_url.startswith("https://")):
+            raise ValueError(f"`coordinator_ca_file` is set but `coordinator_url` "
+                             f"{self.coordinator_url!r} is not https://, so workers would "
+                             "never use the CA; give the coordinator's https:// URL (with "
+                             "[protocols.native] tls_certificate) or drop coordinator_ca_file")
 
 
 @attrs.frozen(kw_only=True)

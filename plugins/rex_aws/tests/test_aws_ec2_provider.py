@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from conftest import IMAGE_ID, MotoServer
+from aws_test_support import IMAGE_ID, MotoServer
 from rex_aws.ec2 import DRAIN_TAG, POOL_TAG, Ec2Provider
 from rex_aws.options import Ec2ProviderOptions
 

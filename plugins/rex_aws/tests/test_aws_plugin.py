@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IMAGE_ID, REGION, MotoServer
+from aws_test_support import IMAGE_ID, REGION, MotoServer
 
 from rexcore.config.converter import structure_config
 from rexcore.config.loader import resolve_config

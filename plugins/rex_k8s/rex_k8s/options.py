@@ -14,6 +14,8 @@ __all__ = ["KubernetesProviderOptions", "Toleration"]
 
 _ge0 = attrs.validators.ge(0)
 _POOL_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?")
+#: A ConfigMap key, which becomes a file name in the pod.
+_CONFIG_MAP_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 
 
 @attrs.frozen
@@ -65,6 +67,17 @@ class KubernetesProviderOptions:
     #: A Secret holding the join token; pods read it through ``secretKeyRef``.
     join_token_secret: str = ""
     join_token_secret_key: str = "token"
+    #: A ConfigMap (in the pods' namespace) holding the CA bundle that signed the
+    #: coordinator's ``https://`` certificate: public, so not a Secret. Mounted read-only
+    #: and passed as ``rexd worker --ca-file``.
+    coordinator_ca_config_map: str = ""
+    coordinator_ca_key: str = attrs.field(default="ca.crt")
+
+    @coordinator_ca_key.validator
+    def _check_ca_key(self, _attribute: attrs.Attribute, value: str) -> None:
+        if not _CONFIG_MAP_KEY.fullmatch(value) or value == "." or value.startswith(".."):
+            raise ValueError(f"coordinator_ca_key {value!r} is not a ConfigMap key: use "
+                             "letters, digits, '-', '_' or '.', such as \"ca.crt\"")
 
     # -- the worker pod template -----------------------------------------------------------
     image: str = ""
@@ -89,3 +102,14 @@ class KubernetesProviderOptions:
     pending_timeout_s: float = attrs.field(default=300.0, validator=attrs.validators.ge(0.0))
     #: Seconds one Kubernetes API call may take.
     request_timeout_s: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+
+    def __attrs_post_init__(self) -> None:
+        # The CA only serves an https:// coordinator: with http:// workers would ignore it
+        # and talk in clear text, which is a mistake, not a choice.
+        if (self.coordinator_ca_config_map and self.coordinator_url
+                and not self.coordinator_url.startswith("https://")):
+            raise ValueError(f"coordinator_ca_config_map is set but coordinator_url "
+                             f"{self.coordinator_url!r} is not https://, so workers would "
+                             "never use the CA; give the coordinator's https:// URL (with "
+                             "[protocols.native] tls_certificate) or drop "
+                             "coordinator_ca_config_map")

@@ -12,7 +12,7 @@ from typing import Any
 from rex_k8s.options import KubernetesProviderOptions
 from rexcore.providers.interface import ProvidedWorker, ProvidedWorkerState, WorkerLaunch
 
-__all__ = ["CONTAINER", "DATA_DIR", "LABEL_POOL", "classify_pod", "label_selector",
+__all__ = ["CA_DIR", "CONTAINER", "DATA_DIR", "LABEL_POOL", "classify_pod", "label_selector",
            "pod_manifest", "worker_labels"]
 
 CONTAINER = "rex-worker"
@@ -21,6 +21,8 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_POOL = "rex.dev/pool"
 #: An emptyDir: exec roots and the worker's cache live and die with the pod.
 DATA_DIR = "/var/lib/rex"
+#: Where the ``coordinator_ca_config_map`` volume is mounted (read-only).
+CA_DIR = "/etc/rex/ca"
 
 
 def worker_labels(pool: str) -> dict[str, str]:
@@ -33,9 +35,19 @@ def label_selector(pool: str) -> str:
 
 def pod_manifest(name: str, options: KubernetesProviderOptions, launch: WorkerLaunch,
                  coordinator_url: str) -> dict[str, Any]:
-    """The pod of one worker. The join token only ever appears as a ``secretKeyRef``."""
-    args = [*options.command, "worker", "--coordinator", coordinator_url,
-            "--worker-id", name, "--slots", str(launch.slots), "--sandbox", launch.sandbox,
+    """The pod of one worker. The join token only ever appears as a ``secretKeyRef``; the
+    coordinator's CA, when it has its own, comes from a ConfigMap mounted at ``CA_DIR``."""
+    args = [*options.command, "worker", "--coordinator", coordinator_url]
+    volume_mounts: list[dict[str, Any]] = [{"name": "rex-data", "mountPath": DATA_DIR}]
+    volumes: list[dict[str, Any]] = [{"name": "rex-data", "emptyDir": {}}]
+    if options.coordinator_ca_config_map:
+        args += ["--ca-file", f"{CA_DIR}/{options.coordinator_ca_key}"]
+        volume_mounts.append({"name": "rex-coordinator-ca", "mountPath": CA_DIR,
+                              "readOnly": True})
+        volumes.append({"name": "rex-coordinator-ca", "configMap": {
+            "name": options.coordinator_ca_config_map,
+            "items": [{"key": options.coordinator_ca_key, "path": options.coordinator_ca_key}]}})
+    args += ["--worker-id", name, "--slots", str(launch.slots), "--sandbox", launch.sandbox,
             "--data-dir", f"{DATA_DIR}/worker"]
     for key, value in launch.properties:
         args += ["--property", f"{key}={value}"]
@@ -45,7 +57,7 @@ def pod_manifest(name: str, options: KubernetesProviderOptions, launch: WorkerLa
             "name": options.join_token_secret, "key": options.join_token_secret_key}}})
     container: dict[str, Any] = {
         "name": CONTAINER, "image": options.image, "command": args, "env": env,
-        "volumeMounts": [{"name": "rex-data", "mountPath": DATA_DIR}],
+        "volumeMounts": volume_mounts,
     }
     if options.image_pull_policy:
         container["imagePullPolicy"] = options.image_pull_policy
@@ -59,7 +71,7 @@ def pod_manifest(name: str, options: KubernetesProviderOptions, launch: WorkerLa
         # Deleting the pod sends SIGTERM, on which rexd worker drains: this is how long
         # its running actions get before SIGKILL.
         "terminationGracePeriodSeconds": options.termination_grace_period_s,
-        "volumes": [{"name": "rex-data", "emptyDir": {}}],
+        "volumes": volumes,
     }
     if options.service_account:
         spec["serviceAccountName"] = options.service_account

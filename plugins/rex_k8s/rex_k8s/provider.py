@@ -115,6 +115,11 @@ class KubernetesProvider:
                 f"kubernetes provider: worker pods cannot reach the coordinator at {url}; set "
                 "the provider's `coordinator_url` to its Service, e.g. "
                 "http://rex-coordinator.rex.svc:8981 (plugins/rex_k8s/deploy/coordinator.yaml)")
+        if self.options.coordinator_ca_config_map and not url.startswith("https://"):
+            raise KubernetesProviderError(
+                f"kubernetes provider: coordinator_ca_config_map is set but worker pods would "
+                f"reach the coordinator at {url}, not https://; set `coordinator_url` to its "
+                "https:// address")
         return url
 
     async def create_workers(self, count: int, launch: WorkerLaunch) -> Sequence[ProvidedWorker]:
