@@ -10,13 +10,25 @@ goes where it removes the most late actions; the tail is convex in c, so greedy 
 optimal). Prints JSON: per workload, start-up delay and seed, the average workers of
 HPA-style, of ``predictive``, the budget (0.90x HPA-style) and the bound.
 
-    python bench/autoscale_bound.py [--seeds 0 1] [--startups 30 120]
+    python bench/autoscale_bound.py [--seeds 0 1] [--startups 30 120] [--mdp]
 
 The bound ignores start-up delays and cooldowns (both only add workers) and the lognormal
 service times of the simulator (coefficient of variation 0.95: close to M/M/c's 1). A
 policy that also sees the queue can beat it by a little (the number in the system a
 start-up ahead is less uncertain than the stationary one); one that knows the future
 (the oracle) by more.
+
+``--mdp`` adds, for the 30 s start-up, the bound of ``bench/autoscale_mdp.py`` (numpy): the
+fewest idle and starting workers of any policy that obeys the pool's cooldowns and sees
+the queue and the true rate every 15 s. ``diurnal``: one average-cost problem per rate on
+a grid of 37 (interpolated per 5-minute slice). ``step``: its two rates, plus what its two
+jumps cost, taken from a load that swaps between them every 15 minutes on average (the
+policy learns of a jump at the next decision, not before; up to 20 workers per decision). Compared with the budget on
+the part that is not busy time (0.90x HPA-style's worker-seconds minus the busy
+seconds of the simulated actions); ``service_correction`` is how many workers fewer the
+simulator's lognormal actions need than exponential ones at the same late share
+(simulated for a static pool at the cell's mean and peak rates), subtracted from the
+bound before ``budget_below_mdp_bound`` is decided.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rexcore.pool.simulator import (  # noqa: E402
+from rexcore.pool.simulator import (
     WORKLOADS,
     diurnal_rate,
     simulate,
@@ -81,6 +93,86 @@ def bound_workers(rate: Callable[[float], float], duration_s: float, wait_s: flo
     return sum(sizes) / slices
 
 
+GRID = [round(0.05 + 0.0125 * i, 4) for i in range(37)]  # diurnal's rates, 0.05 to 0.5
+STEP_RATES = (0.05, 0.5)
+SWAP_S = 900.0  # the mean time between the swaps of the load that prices step's jumps
+SWAP_STARTS = 20  # the most workers one decision may ask for after a jump (a steady rate: 6)
+BETAS = (90.0, 110.0, 130.0)
+
+
+def _mdp_job(job: tuple) -> tuple[tuple, list[float]]:
+    import autoscale_mdp as mdp
+
+    kind, rate, wait_s = job
+    if kind == "rate":
+        model = mdp.rate_model(rate, wait_s)
+        return job, [mdp.average_cost([model], beta) for beta in BETAS]
+    # two rates swapping, on the state space of the higher one
+    low, high = rate
+    models = [mdp.rate_model(low, wait_s, sized_for=high, max_starts=SWAP_STARTS),
+              mdp.rate_model(high, wait_s, max_starts=SWAP_STARTS)]
+    swap = 1 - math.exp(-mdp.INTERVAL_S / SWAP_S)
+    return job, [mdp.average_cost(models, beta, switch=swap) for beta in BETAS]
+
+
+def _mdp_jobs(name: str, wait_s: float) -> list[tuple]:
+    if name == "diurnal":
+        return [("rate", rate, wait_s) for rate in GRID]
+    return [("rate", STEP_RATES[0], wait_s), ("rate", STEP_RATES[1], wait_s),
+            ("swap", STEP_RATES, wait_s)]
+
+
+def _mdp_nonbusy(name: str, duration_s: float, wait_s: float,
+                 costs: dict[tuple, list[float]]) -> tuple[float, float]:
+    """The bound on idle + starting workers, and the beta that gives it."""
+    import numpy as np
+
+    best = (-math.inf, 0.0)
+    for b, beta in enumerate(BETAS):
+        if name == "diurnal":
+            slices = max(1, round(duration_s / SLICE_S))
+            rates = [diurnal_rate((i + 0.5) * duration_s / slices) for i in range(slices)]
+            grid_costs = [costs[("rate", rate, wait_s)][b] for rate in GRID]
+            cost = float(np.mean(np.interp(rates, GRID, grid_costs)))
+            mean_rate = sum(rates) / len(rates)
+        else:
+            low = costs[("rate", STEP_RATES[0], wait_s)][b]
+            high = costs[("rate", STEP_RATES[1], wait_s)][b]
+            per_jump = (costs[("swap", STEP_RATES, wait_s)][b] - (low + high) / 2) * SWAP_S
+            # step: an hour low, two high, an hour low: two jumps in four hours
+            cost = (low + high) / 2 + 2 * per_jump / duration_s
+            mean_rate = sum(STEP_RATES) / 2
+        best = max(best, (cost - beta * 0.05 * mean_rate, beta))
+    return best
+
+
+def service_correction(rate: float, wait_s: float, arrivals: int = 300_000) -> float:
+    """Workers a static FIFO pool at ``rate`` needs fewer, for 5% of actions waiting over
+    ``wait_s``, with the simulator's lognormal 40 s actions than with exponential ones."""
+    import random
+
+    def late_share(servers: int, lognormal: bool) -> float:
+        rng, free, t, late = random.Random(1), [0.0] * servers, 0.0, 0
+        for _ in range(arrivals):
+            t += rng.expovariate(rate)
+            duration = (rng.lognormvariate(math.log(SERVICE_S) - 0.32, 0.8) if lognormal
+                        else rng.expovariate(1 / SERVICE_S))
+            start = max(t, heapq.heappop(free))
+            late += start - t > wait_s
+            heapq.heappush(free, start + duration)
+        return late / arrivals
+
+    def servers_for(lognormal: bool) -> float:
+        c = math.floor(rate * SERVICE_S) + 1
+        share = late_share(c, lognormal)
+        while share > 0.05:
+            c, before, share = c + 1, share, late_share(c + 1, lognormal)
+        before = late_share(c - 1, lognormal)  # interpolate on the log of the share
+        return c - math.log(0.05 / share) / math.log(before / share)
+
+    return servers_for(False) - servers_for(True)
+
+
 def _row(job: tuple[str, int, float]) -> dict:
     name, seed, startup_s = job
     workload = WORKLOADS[name](seed)
@@ -108,11 +200,47 @@ def main() -> None:
     parser.add_argument("--startups", type=float, nargs="+", default=[30.0, 120.0])
     parser.add_argument("--workloads", nargs="+", default=list(RATES), choices=list(RATES))
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--mdp", action="store_true",
+                        help="add the cooldown-aware MDP bound for the 30 s start-up")
     args = parser.parse_args()
     jobs = [(w, s, u) for w in args.workloads for u in args.startups for s in args.seeds]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(_row, jobs))
+        if args.mdp:
+            _add_mdp(rows, pool)
     print(json.dumps({"service_s": SERVICE_S, "slice_s": SLICE_S, "rows": rows}, indent=1))
+
+
+def _add_mdp(rows: list[dict], pool: ProcessPoolExecutor) -> None:
+    """The MDP bound for the rows with a 30 s start-up (the model's start-up)."""
+    rows = [row for row in rows if row["startup_s"] == 30.0]
+    needed = sorted({job for row in rows
+                     for job in _mdp_jobs(row["workload"], row["hpa_p95_s"])},
+                    key=lambda job: job[0] == "rate")  # the slow swapping ones first
+    costs = dict(pool.map(_mdp_job, needed))
+    corrections = {}
+    for row in rows:
+        name, seed, wait_s = row["workload"], row["seed"], row["hpa_p95_s"]
+        workload = WORKLOADS[name](seed)
+        duration = workload.duration_s
+        busy = sum(d for _, d in workload.arrivals) / duration
+        bound, beta = _mdp_nonbusy(name, duration, wait_s, costs)
+        key = (name, wait_s)
+        if key not in corrections:
+            rates = RATES[name]
+            mean = sum(rates((i + 0.5) * duration / 288) for i in range(288)) / 288
+            corrections[key] = max(service_correction(mean, wait_s),
+                                   service_correction(0.5, wait_s))
+        budget = row["budget_avg_workers"] - busy
+        row.update({
+            "busy_avg_workers": round(busy, 3),
+            "budget_nonbusy": round(budget, 3),
+            "predictive_nonbusy": round(row["predictive_avg_workers"] - busy, 3),
+            "mdp_nonbusy_bound": round(bound, 3),
+            "mdp_beta": beta,
+            "service_correction": round(corrections[key], 3),
+            "budget_below_mdp_bound": budget < bound - corrections[key],
+        })
 
 
 if __name__ == "__main__":

@@ -45,3 +45,28 @@ def test_a_trace_replays_its_arrivals(tmp_path):
     result = simulate(workload, "hpa", startup_s=30, seed=0)
     assert result.actions == 300 and result.workload == str(path)
     assert attrs.asdict(result)["worker_seconds"] > 300 * 30.0 * 0.99
+
+
+def test_a_policy_of_ones_own_is_judged_like_the_built_in_ones():
+    from rexcore.pool.simulator import HpaPolicy
+
+    workload = _short(5)
+    built_in = simulate(workload, "hpa", startup_s=30, seed=5)
+    own = simulate(workload, "mine", startup_s=30, seed=5,
+                   policy_factory=lambda config: HpaPolicy())
+    assert own.policy == "mine"
+    assert attrs.evolve(own, policy="hpa") == built_in
+    # a policy that asks for one worker more than what runs: its own decisions count
+    asked = []
+
+    class OneMore:
+        def decide(self, o):
+            from rexcore.pool.scaling import ScalingDecision
+
+            asked.append(o.now)
+            return ScalingDecision(o.backlog + 1, "one more than the backlog")
+
+    result = simulate(workload, "one-more", startup_s=30, seed=5,
+                      policy_factory=lambda config: OneMore())
+    assert asked and result.actions == len(workload.arrivals)
+    assert result.scaling_actions > 0 and result != built_in

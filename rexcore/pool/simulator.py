@@ -384,17 +384,24 @@ def simulate(
     pool: PoolConfig | None = None,
     predictive: PredictiveOptions | None = None,
     wait_objective_s: float = 30.0,
+    policy_factory: Callable[[PoolConfig], ScalingPolicy] | None = None,
 ) -> SimulationResult:
     """Run ``workload`` under ``policy`` (one of :data:`POLICIES`) with workers that take
-    ``startup_s`` to join; deterministic for a given workload and seed."""
+    ``startup_s`` to join; deterministic for a given workload and seed.
+
+    ``policy_factory`` judges a policy of one's own instead (built from the pool's
+    config; ``policy`` is then only its name in the result)."""
     return asyncio.run(_simulate(workload, policy, startup_s, seed,
                                  pool or PoolConfig(min_workers=1, max_workers=1000),
-                                 predictive or PredictiveOptions(), wait_objective_s))
+                                 predictive or PredictiveOptions(), wait_objective_s,
+                                 policy_factory))
 
 
 async def _simulate(workload: Workload, policy_name: str, startup_s: float, seed: int,
                     pool_config: PoolConfig, predictive: PredictiveOptions,
-                    wait_objective_s: float) -> SimulationResult:
+                    wait_objective_s: float,
+                    policy_factory: Callable[[PoolConfig], ScalingPolicy] | None
+                    ) -> SimulationResult:
     oracle = OraclePolicy(workload.arrivals, pool_config.evaluation_interval_s)
     peak = max(1, oracle.peak(0.0, workload.duration_s))
     initial = max(pool_config.min_workers, oracle.level_at(0.0), 1)
@@ -408,6 +415,8 @@ async def _simulate(workload: Workload, policy_name: str, startup_s: float, seed
         "hpa": HpaPolicy,
         "oracle": lambda: oracle,
     }
+    if policy_factory is not None:
+        policies = {policy_name: lambda: policy_factory(config)}
     if policy_name not in policies:
         raise ValueError(f"unknown policy {policy_name!r}; choose one of {', '.join(policies)}")
     clock = [-startup_s]  # the first workers are asked for so as to be ready at 0
