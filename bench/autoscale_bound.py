@@ -23,12 +23,13 @@ fewest idle and starting workers of any policy that obeys the pool's cooldowns a
 the queue and the true rate every 15 s. ``diurnal``: one average-cost problem per rate on
 a grid of 37 (interpolated per 5-minute slice). ``step``: its two rates, plus what its two
 jumps cost, taken from a load that swaps between them every 15 minutes on average (the
-policy learns of a jump at the next decision, not before; up to 20 workers per decision). Compared with the budget on
-the part that is not busy time (0.90x HPA-style's worker-seconds minus the busy
-seconds of the simulated actions); ``service_correction`` is how many workers fewer the
-simulator's lognormal actions need than exponential ones at the same late share
-(simulated for a static pool at the cell's mean and peak rates), subtracted from the
-bound before ``budget_below_mdp_bound`` is decided.
+policy learns of a jump at the next decision, not before; up to 20 workers per
+decision). Compared with the budget on the part that is not busy time (0.90x
+HPA-style's worker-seconds minus the busy seconds of the simulated actions);
+``service_correction`` is how many workers fewer the simulator's lognormal actions need
+than exponential ones at the same late share (simulated for a static pool at the cell's
+mean and peak rates), subtracted from the bound before ``budget_below_mdp_bound`` is
+decided.
 """
 
 from __future__ import annotations
@@ -93,7 +94,6 @@ def bound_workers(rate: Callable[[float], float], duration_s: float, wait_s: flo
     return sum(sizes) / slices
 
 
-GRID = [round(0.05 + 0.0125 * i, 4) for i in range(37)]  # diurnal's rates, 0.05 to 0.5
 STEP_RATES = (0.05, 0.5)
 SWAP_S = 900.0  # the mean time between the swaps of the load that prices step's jumps
 SWAP_STARTS = 20  # the most workers one decision may ask for after a jump (a steady rate: 6)
@@ -117,31 +117,38 @@ def _mdp_job(job: tuple) -> tuple[tuple, list[float]]:
 
 def _mdp_jobs(name: str, wait_s: float) -> list[tuple]:
     if name == "diurnal":
-        return [("rate", rate, wait_s) for rate in GRID]
+        from autoscale_mdp import RATE_GRID
+
+        return [("rate", rate, wait_s) for rate in RATE_GRID]
     return [("rate", STEP_RATES[0], wait_s), ("rate", STEP_RATES[1], wait_s),
             ("swap", STEP_RATES, wait_s)]
+
+
+def _slice_rates(name: str, duration_s: float) -> list[float]:
+    """The workload's arrival rate in the middle of each 5-minute slice."""
+    slices = max(1, round(duration_s / SLICE_S))
+    return [RATES[name]((i + 0.5) * duration_s / slices) for i in range(slices)]
 
 
 def _mdp_nonbusy(name: str, duration_s: float, wait_s: float,
                  costs: dict[tuple, list[float]]) -> tuple[float, float]:
     """The bound on idle + starting workers, and the beta that gives it."""
     import numpy as np
+    from autoscale_mdp import RATE_GRID
 
+    rates = _slice_rates(name, duration_s)
+    mean_rate = sum(rates) / len(rates)
     best = (-math.inf, 0.0)
     for b, beta in enumerate(BETAS):
         if name == "diurnal":
-            slices = max(1, round(duration_s / SLICE_S))
-            rates = [diurnal_rate((i + 0.5) * duration_s / slices) for i in range(slices)]
-            grid_costs = [costs[("rate", rate, wait_s)][b] for rate in GRID]
-            cost = float(np.mean(np.interp(rates, GRID, grid_costs)))
-            mean_rate = sum(rates) / len(rates)
+            grid_costs = [costs[("rate", rate, wait_s)][b] for rate in RATE_GRID]
+            cost = float(np.mean(np.interp(rates, RATE_GRID, grid_costs)))
         else:
             low = costs[("rate", STEP_RATES[0], wait_s)][b]
             high = costs[("rate", STEP_RATES[1], wait_s)][b]
             per_jump = (costs[("swap", STEP_RATES, wait_s)][b] - (low + high) / 2) * SWAP_S
             # step: an hour low, two high, an hour low: two jumps in four hours
             cost = (low + high) / 2 + 2 * per_jump / duration_s
-            mean_rate = sum(STEP_RATES) / 2
         best = max(best, (cost - beta * 0.05 * mean_rate, beta))
     return best
 
@@ -164,11 +171,12 @@ def service_correction(rate: float, wait_s: float, arrivals: int = 300_000) -> f
 
     def servers_for(lognormal: bool) -> float:
         c = math.floor(rate * SERVICE_S) + 1
-        share = late_share(c, lognormal)
+        before, share = None, late_share(c, lognormal)
         while share > 0.05:
             c, before, share = c + 1, share, late_share(c + 1, lognormal)
-        before = late_share(c - 1, lognormal)  # interpolate on the log of the share
-        return c - math.log(0.05 / share) / math.log(before / share)
+        if before is None:  # met at the first size: the share one below
+            before = late_share(c - 1, lognormal)
+        return c - math.log(0.05 / share) / math.log(before / share)  # on log(share)
 
     return servers_for(False) - servers_for(True)
 
@@ -227,10 +235,9 @@ def _add_mdp(rows: list[dict], pool: ProcessPoolExecutor) -> None:
         bound, beta = _mdp_nonbusy(name, duration, wait_s, costs)
         key = (name, wait_s)
         if key not in corrections:
-            rates = RATES[name]
-            mean = sum(rates((i + 0.5) * duration / 288) for i in range(288)) / 288
-            corrections[key] = max(service_correction(mean, wait_s),
-                                   service_correction(0.5, wait_s))
+            rates = _slice_rates(name, duration)
+            corrections[key] = max(service_correction(sum(rates) / len(rates), wait_s),
+                                   service_correction(max(rates), wait_s))
         budget = row["budget_avg_workers"] - busy
         row.update({
             "busy_avg_workers": round(busy, 3),

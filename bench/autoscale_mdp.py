@@ -39,6 +39,8 @@ INTERVAL_S = 15.0
 #: A grow waits this many decisions after a grow; a shrink this many after any change.
 UP_COOLDOWN = 2
 DOWN_COOLDOWN = 8
+#: The arrival rates the tables of a day are solved for (``diurnal``'s, 0.05 to 0.5/s).
+RATE_GRID = [round(0.05 + 0.0125 * i, 4) for i in range(37)]
 #: The most workers one decision asks for, by default: enough for a steady rate (more
 #: changes no bound here by 0.001); a jump of the rate needs more.
 MAX_STARTS = 6
@@ -113,16 +115,15 @@ def rate_model(rate: float, wait_s: float, substeps: int = 10,
             t = s * h
             weight = h * (0.5 if s in (0, substeps) else 1.0)  # trapezoid
             idle[:, c] += weight * (at @ idle_now)
-            for joining in range(max_starts + 1):
-                if t + wait_s <= INTERVAL_S:  # no worker joins before the wait is up
-                    mean, needed = c * mu * wait_s, ahead
-                else:  # the joining workers count as departures, then serve too
-                    before = INTERVAL_S - t
+            if t + wait_s <= INTERVAL_S:  # no worker joins before the wait is up
+                late_if = _poisson_below(np.maximum(ahead, 0), c * mu * wait_s)
+                late[:, c, :] += (weight * rate * (at @ late_if))[:, None]
+            else:  # the joining workers count as departures, then serve too
+                before = INTERVAL_S - t
+                for joining in range(max_starts + 1):
                     mean = c * mu * before + (c + joining) * mu * (wait_s - before)
-                    needed = ahead - joining
-                late_if = np.where((ahead >= 1) & (needed >= 1),
-                                   _poisson_below(np.maximum(needed, 0), mean), 0.0)
-                late[:, c, joining] += weight * rate * (at @ late_if)
+                    late_if = _poisson_below(np.maximum(ahead - joining, 0), mean)
+                    late[:, c, joining] += weight * rate * (at @ late_if)
             if s < substeps:
                 at = at @ sub
         step[c] = at
@@ -302,8 +303,7 @@ def main() -> None:
     workload = WORKLOADS[args.workload](args.seed)
     rate_of = diurnal_rate if args.workload == "diurnal" else step_rate
     hpa = simulate(workload, "hpa", startup_s=30.0, seed=args.seed)
-    grid = ([round(0.05 + 0.0125 * i, 4) for i in range(37)] if args.workload == "diurnal"
-            else [0.05, 0.5])
+    grid = RATE_GRID if args.workload == "diurnal" else [0.05, 0.5]
     results = []
     from concurrent.futures import ProcessPoolExecutor
 
