@@ -5,6 +5,7 @@ result (output paths converted as the original Command asked)."""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,9 +29,19 @@ def processes(tmp_path: Path) -> Iterator[RexdProcesses]:
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A free port below the ephemeral range: while rexd is down, a port in that range
+    can become the source port of some connection (the orphaned worker reconnects, the
+    client retries), and then could not be listened on again, or a client could connect
+    to itself."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(max(1024, low - 12_000), low), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 async def _upload(channel: grpc.aio.Channel, *blobs: bytes) -> list[re_pb2.Digest]:
@@ -84,10 +95,18 @@ async def test_an_operation_survives_a_restart_of_rexd_and_is_followed_by_name(
             assert broken.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     release.touch()
     server.start()
-    async with grpc.aio.insecure_channel(address) as channel:
-        # (REAPI may start listening a moment after the native API rexd reported.)
-        updates = [op async for op in re_grpc.ExecutionStub(channel).WaitExecution(
-            re_pb2.WaitExecutionRequest(name=name), timeout=120, wait_for_ready=True)]
+    # (REAPI may start listening a moment after the native API rexd reported; a client
+    # that follows an operation across a restart retries UNAVAILABLE, as Bazel does.)
+    for attempt in range(5):
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                updates = [op async for op in re_grpc.ExecutionStub(channel).WaitExecution(
+                    re_pb2.WaitExecutionRequest(name=name), timeout=120, wait_for_ready=True)]
+            break
+        except grpc.aio.AioRpcError as unavailable:
+            if unavailable.code() != grpc.StatusCode.UNAVAILABLE or attempt == 4:
+                raise
+            await asyncio.sleep(1.0)
     assert updates and updates[-1].done and updates[-1].name == name
     response = re_pb2.ExecuteResponse()
     assert updates[-1].response.Unpack(response)
